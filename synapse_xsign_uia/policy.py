@@ -1,0 +1,123 @@
+"""The upload decision table, as pure functions over plain data.
+
+Nothing here imports Synapse: the servlet gathers the facts, this module decides, and the
+servlet carries the decision out. The rows are documented in docs/how-it-works.md.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+# Request body field -> the key type Synapse stores it under.
+KEY_FIELDS: Mapping[str, str] = {
+    "master_key": "master",
+    "self_signing_key": "self_signing",
+    "user_signing_key": "user_signing",
+}
+
+JsonKey = Mapping[str, Any]
+
+
+class Rule(enum.Enum):
+    """The decision-table row that applied; the value is what logs and metrics show."""
+
+    NO_KEYS = "no_keys"
+    IDENTICAL_REUPLOAD = "identical_reupload"
+    FIRST_UPLOAD = "first_upload"
+    APPSERVICE = "appservice"
+    REPLACEMENT_WINDOW = "replacement_window"
+    DELEGATED_AUTH = "delegated_auth"
+    UIA = "uia"
+
+
+class Action(enum.Enum):
+    """What the servlet must do next."""
+
+    NOTHING = "nothing"  # answer 200 {} and write nothing
+    UPLOAD = "upload"  # upload without UIA
+    DELEGATE = "delegate"  # answer as Synapse's delegated-auth (MAS) flow does
+    REQUIRE_UIA = "require_uia"  # Synapse's own UIA, then upload
+
+
+@attrs.frozen
+class Toggles:
+    first_upload_without_uia: bool = True
+    identical_reupload_without_uia: bool = True
+    appservice_without_uia: bool = True
+
+
+@attrs.frozen
+class Facts:
+    """What the decision depends on, gathered by the servlet.
+
+    `requested` maps key type (`master`, ...) to the key in the request; `stored` to the key
+    Synapse holds. `window_expires_ms` is the admin-granted window of the stored master key.
+    """
+
+    requested: Mapping[str, JsonKey]
+    stored: Mapping[str, JsonKey]
+    is_appservice: bool = False
+    delegated_auth: bool = False
+    window_expires_ms: int | None = None
+    now_ms: int = 0
+
+    @property
+    def window_open(self) -> bool:
+        return self.window_expires_ms is not None and self.now_ms < self.window_expires_ms
+
+
+@attrs.frozen
+class Decision:
+    rule: Rule
+    action: Action
+
+
+def requested_keys(body: Mapping[str, Any]) -> dict[str, JsonKey]:
+    """The cross-signing keys present in a request body, by key type.
+
+    A field that is absent or JSON `null` carries no key.
+    """
+    return {
+        key_type: body[field]
+        for field, key_type in KEY_FIELDS.items()
+        if body.get(field) is not None
+    }
+
+
+def is_identical(requested: Mapping[str, JsonKey], stored: Mapping[str, JsonKey]) -> bool:
+    """True when the request has keys and each equals the stored key of its type."""
+    return bool(requested) and all(
+        key_type in stored and stored[key_type] == key for key_type, key in requested.items()
+    )
+
+
+def changed_keys(
+    requested: Mapping[str, JsonKey], stored: Mapping[str, JsonKey]
+) -> dict[str, JsonKey]:
+    """The requested keys that differ from what is stored: the only ones to write."""
+    return {
+        key_type: key
+        for key_type, key in requested.items()
+        if key_type not in stored or stored[key_type] != key
+    }
+
+
+def decide(toggles: Toggles, facts: Facts) -> Decision:
+    """The first row of the decision table that applies."""
+    if not facts.requested:
+        return Decision(Rule.NO_KEYS, Action.NOTHING)
+    if toggles.identical_reupload_without_uia and is_identical(facts.requested, facts.stored):
+        return Decision(Rule.IDENTICAL_REUPLOAD, Action.NOTHING)
+    if toggles.first_upload_without_uia and "master" not in facts.stored:
+        return Decision(Rule.FIRST_UPLOAD, Action.UPLOAD)
+    if toggles.appservice_without_uia and facts.is_appservice:
+        return Decision(Rule.APPSERVICE, Action.UPLOAD)
+    if "master" in facts.stored and facts.window_open:
+        return Decision(Rule.REPLACEMENT_WINDOW, Action.UPLOAD)
+    if facts.delegated_auth:
+        return Decision(Rule.DELEGATED_AUTH, Action.DELEGATE)
+    return Decision(Rule.UIA, Action.REQUIRE_UIA)
