@@ -35,7 +35,7 @@ class CrossSigningUIAModule:
         self.upload_servlet = build_upload_servlet(self.upload_policy)
         _synapse.install_servlet(UPLOAD_SERVLET, self.upload_servlet)
         # Listeners are built right after modules load, in the same reactor turn.
-        hs.get_reactor().callLater(0, self._check_installed)
+        _synapse.call_soon(hs, self._check_installed)
         logger.info(
             "synapse_xsign_uia %s loaded (%s): %s",
             __version__,
@@ -51,8 +51,8 @@ class CrossSigningUIAModule:
         hs = self.internals.hs
         expected: dict[str, type] = {}
         serves_client = "client" in _synapse.listener_resources(hs)
-        # Synapse 1.98 serves the upload endpoint on the main process only.
-        upload_on_workers = _synapse.parse_version(_synapse.synapse.__version__) >= (1, 99, 0)
+        # Before 1.135 Synapse serves the upload endpoint on the main process only.
+        upload_on_workers = _synapse.synapse_version() >= (1, 135, 0)
         if serves_client and (_synapse.is_main_process(hs) or upload_on_workers):
             expected["the cross-signing upload servlet"] = self.upload_servlet
         return expected
@@ -73,4 +73,4 @@ class CrossSigningUIAModule:
             " and ".join(missing),
             _synapse.SUPPORTED_RANGE,
         )
-        self.internals.hs.get_reactor().stop()
+        _synapse.stop_reactor(self.internals.hs)

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
     from synapse.module_api import ModuleApi
     from synapse.server import HomeServer
-    from synapse.types import Requester
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +142,15 @@ def parse_json_object(request: SynapseRequest) -> dict[str, Any]:
 
 def rewind_body(request: SynapseRequest) -> None:
     """Let a native handler read the request body again."""
-    request.content.seek(0)
+    content: Any = request.content
+    content.seek(0)
 
 
-def is_appservice(requester: Requester) -> bool:
+def is_appservice(requester: Any) -> bool:
     # `app_service` up to Synapse 1.140, `app_service_id` after.
-    return bool(getattr(requester, "app_service_id", None) or getattr(requester, "app_service", None))
+    return bool(
+        getattr(requester, "app_service_id", None) or getattr(requester, "app_service", None)
+    )
 
 
 def delegated_auth_enabled(hs: HomeServer) -> bool:
@@ -164,6 +166,20 @@ def runs_with_workers(hs: HomeServer) -> bool:
     """Workers need Redis replication, so without Redis this process is the only writer."""
     config: Any = hs.config
     return bool(config.worker.worker_app is not None or config.redis.redis_enabled)
+
+
+def synapse_version() -> tuple[int, int, int]:
+    return parse_version(synapse.__version__)
+
+
+def call_soon(hs: HomeServer, callback: Callable[[], None]) -> None:
+    reactor: Any = hs.get_reactor()
+    reactor.callLater(0, callback)
+
+
+def stop_reactor(hs: HomeServer) -> None:
+    reactor: Any = hs.get_reactor()
+    reactor.stop()
 
 
 def is_main_process(hs: HomeServer) -> bool:
@@ -257,7 +273,7 @@ class Internals:
 
         return await self._api.run_db_interaction("synapse_xsign_uia_stored_state", txn)  # type: ignore[no-any-return]
 
-    async def validate_uia(self, requester: Requester, request: SynapseRequest, body: Any) -> None:
+    async def validate_uia(self, requester: Any, request: SynapseRequest, body: Any) -> None:
         """Synapse's own UIA, every stage the server offers, never the grace-period skip."""
         await self.auth_handler.validate_user_via_ui_auth(
             requester,

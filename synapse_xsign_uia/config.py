@@ -46,7 +46,9 @@ def _fail(path: list[str], message: str) -> ConfigError:
 def parse_duration(value: object, path: list[str]) -> int:
     """Milliseconds from an integer of milliseconds or a string such as `30s` or `10m`."""
     if isinstance(value, bool):
-        raise _fail(path, "must be a duration (milliseconds, or a string such as '10m'), not a boolean")
+        raise _fail(
+            path, "must be a duration (milliseconds, or a string such as '10m'), not a boolean"
+        )
     if isinstance(value, int):
         ms = value
     elif isinstance(value, str):
@@ -60,7 +62,8 @@ def parse_duration(value: object, path: list[str]) -> int:
         ms = int(match.group(1)) * _UNIT_MS[match.group(2)]
     else:
         raise _fail(
-            path, f"must be a duration (milliseconds, or a string such as '10m'), not {type(value).__name__}"
+            path,
+            f"must be a duration (milliseconds, or a string such as '10m'), not {type(value).__name__}",
         )
     if ms <= 0:
         raise _fail(path, f"must be a positive duration, got {value!r}")
@@ -141,7 +144,9 @@ def parse_config(value: object) -> Config:
     def flag(name: str, fallback: bool) -> bool:
         return _parse_bool(raw.get(name, fallback), [name])
 
-    window = parse_duration(raw.get("replacement_window", default.replacement_window_ms), ["replacement_window"])
+    window = parse_duration(
+        raw.get("replacement_window", default.replacement_window_ms), ["replacement_window"]
+    )
     max_window = parse_duration(
         raw.get("max_replacement_window", default.max_replacement_window_ms),
         ["max_replacement_window"],

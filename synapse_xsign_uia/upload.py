@@ -36,9 +36,7 @@ class UploadPolicy:
             appservice_without_uia=config.appservice_without_uia,
         )
         self._delegated_auth = _synapse.delegated_auth_enabled(internals.hs)
-        self._incomplete_uia = _synapse.resolve(
-            "synapse.api.errors:InteractiveAuthIncompleteError"
-        )
+        self._incomplete_uia = _synapse.resolve("synapse.api.errors:InteractiveAuthIncompleteError")
 
     async def handle(self, request: SynapseRequest, native: NativeHandler) -> tuple[int, Any]:
         requester = await self._api.get_user_by_req(request)
@@ -111,7 +109,11 @@ class UploadPolicy:
         if decision.action is Action.REQUIRE_UIA:
             await self._internals.validate_uia(requester, request, body)
         if changed:
-            fields = {field: changed[key_type] for field, key_type in policy.KEY_FIELDS.items() if key_type in changed}
+            fields = {
+                field: changed[key_type]
+                for field, key_type in policy.KEY_FIELDS.items()
+                if key_type in changed
+            }
             await self._internals.upload_keys(user_id, fields)
             if decision.rule is Rule.REPLACEMENT_WINDOW:
                 logger.info(

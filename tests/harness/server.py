@@ -209,7 +209,11 @@ class SynapseServer:
     def log_lines(self, needle: str) -> list[str]:
         if not self.log_path.exists():
             return []
-        return [line for line in self.log_path.read_text(errors="replace").splitlines() if needle in line]
+        return [
+            line
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if needle in line
+        ]
 
     def stop(self, cleanup: bool = True) -> None:
         if self.process is not None and self.process.poll() is None:
