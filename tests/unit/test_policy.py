@@ -1,0 +1,196 @@
+"""The decision table, row by row, and properties that must hold for any input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from synapse_xsign_uia.policy import (
+    Action,
+    Decision,
+    Facts,
+    Rule,
+    Toggles,
+    changed_keys,
+    decide,
+    is_identical,
+    requested_keys,
+)
+
+MASTER = {"user_id": "@a:hs", "usage": ["master"], "keys": {"ed25519:M": "M"}}
+OTHER_MASTER = {"user_id": "@a:hs", "usage": ["master"], "keys": {"ed25519:N": "N"}}
+SSK = {"user_id": "@a:hs", "usage": ["self_signing"], "keys": {"ed25519:S": "S"}}
+OTHER_SSK = {"user_id": "@a:hs", "usage": ["self_signing"], "keys": {"ed25519:T": "T"}}
+
+ON = Toggles()
+OFF = Toggles(
+    first_upload_without_uia=False,
+    identical_reupload_without_uia=False,
+    appservice_without_uia=False,
+)
+
+
+def facts(**kwargs: Any) -> Facts:
+    kwargs.setdefault("requested", {})
+    kwargs.setdefault("stored", {})
+    return Facts(**kwargs)
+
+
+def test_row1_no_keys() -> None:
+    assert decide(ON, facts(stored={"master": MASTER})) == Decision(Rule.NO_KEYS, Action.NOTHING)
+    assert decide(OFF, facts()) == Decision(Rule.NO_KEYS, Action.NOTHING)
+
+
+def test_row2_identical_reupload() -> None:
+    stored = {"master": MASTER, "self_signing": SSK}
+    for requested in ({"master": MASTER}, {"self_signing": SSK}, stored):
+        assert decide(ON, facts(requested=requested, stored=stored)) == Decision(
+            Rule.IDENTICAL_REUPLOAD, Action.NOTHING
+        )
+
+
+def test_row2_needs_every_key_to_match() -> None:
+    stored = {"master": MASTER, "self_signing": SSK}
+    requested = {"master": MASTER, "self_signing": OTHER_SSK}
+    assert decide(ON, facts(requested=requested, stored=stored)).rule is Rule.UIA
+    # A key type that is not stored yet is new, so not identical.
+    assert decide(ON, facts(requested={"master": MASTER, "self_signing": SSK}, stored={"master": MASTER})).rule is Rule.UIA
+
+
+def test_row2_toggle_off_requires_uia() -> None:
+    decision = decide(OFF, facts(requested={"master": MASTER}, stored={"master": MASTER}))
+    assert decision == Decision(Rule.UIA, Action.REQUIRE_UIA)
+
+
+def test_row3_first_upload() -> None:
+    assert decide(ON, facts(requested={"master": MASTER})) == Decision(Rule.FIRST_UPLOAD, Action.UPLOAD)
+    # Only a stored *master* key counts as "set up".
+    assert decide(ON, facts(requested={"master": MASTER}, stored={"self_signing": SSK})).rule is Rule.FIRST_UPLOAD
+
+
+def test_row3_toggle_off_requires_uia() -> None:
+    assert decide(OFF, facts(requested={"master": MASTER})) == Decision(Rule.UIA, Action.REQUIRE_UIA)
+
+
+def test_row4_appservice() -> None:
+    f = facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, is_appservice=True)
+    assert decide(ON, f) == Decision(Rule.APPSERVICE, Action.UPLOAD)
+    assert decide(OFF, f) == Decision(Rule.UIA, Action.REQUIRE_UIA)
+
+
+def test_row5_window() -> None:
+    base = {"requested": {"master": OTHER_MASTER}, "stored": {"master": MASTER}}
+    assert decide(ON, facts(**base, window_expires_ms=2000, now_ms=1999)) == Decision(
+        Rule.REPLACEMENT_WINDOW, Action.UPLOAD
+    )
+    # The window has no toggle: an admin opened it on purpose.
+    assert decide(OFF, facts(**base, window_expires_ms=2000, now_ms=1999)).rule is Rule.REPLACEMENT_WINDOW
+    assert decide(ON, facts(**base, window_expires_ms=2000, now_ms=2000)).rule is Rule.UIA
+    assert decide(ON, facts(**base, window_expires_ms=None, now_ms=0)).rule is Rule.UIA
+
+
+def test_row6_delegated_auth() -> None:
+    f = facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, delegated_auth=True)
+    assert decide(ON, f) == Decision(Rule.DELEGATED_AUTH, Action.DELEGATE)
+    # An open window still wins: that is how delegated auth approves a reset.
+    f2 = facts(
+        requested={"master": OTHER_MASTER},
+        stored={"master": MASTER},
+        delegated_auth=True,
+        window_expires_ms=10,
+        now_ms=5,
+    )
+    assert decide(ON, f2).rule is Rule.REPLACEMENT_WINDOW
+
+
+def test_row7_uia() -> None:
+    f = facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER})
+    assert decide(ON, f) == Decision(Rule.UIA, Action.REQUIRE_UIA)
+    f = facts(requested={"self_signing": OTHER_SSK}, stored={"master": MASTER, "self_signing": SSK})
+    assert decide(ON, f) == Decision(Rule.UIA, Action.REQUIRE_UIA)
+
+
+def test_requested_keys_ignores_null_and_other_fields() -> None:
+    body = {"master_key": MASTER, "self_signing_key": None, "auth": {"type": "x"}, "other": 1}
+    assert requested_keys(body) == {"master": MASTER}
+
+
+def test_changed_keys() -> None:
+    stored = {"master": MASTER, "self_signing": SSK}
+    assert changed_keys({"master": MASTER, "self_signing": OTHER_SSK}, stored) == {"self_signing": OTHER_SSK}
+    assert changed_keys({"master": MASTER}, stored) == {}
+    assert changed_keys({"user_signing": SSK}, stored) == {"user_signing": SSK}
+
+
+# Properties over arbitrary facts.
+
+key_types = st.sampled_from(["master", "self_signing", "user_signing"])
+keys = st.sampled_from([MASTER, OTHER_MASTER, SSK, OTHER_SSK])
+key_maps = st.dictionaries(key_types, keys, max_size=3)
+toggles = st.builds(Toggles, st.booleans(), st.booleans(), st.booleans())
+all_facts = st.builds(
+    Facts,
+    requested=key_maps,
+    stored=key_maps,
+    is_appservice=st.booleans(),
+    delegated_auth=st.booleans(),
+    window_expires_ms=st.none() | st.integers(min_value=0, max_value=100),
+    now_ms=st.integers(min_value=0, max_value=100),
+)
+
+
+@given(toggles, all_facts)
+def test_a_stored_master_key_is_never_replaced_without_an_exemption(t: Toggles, f: Facts) -> None:
+    decision = decide(t, f)
+    replaces_stored = bool(changed_keys(f.requested, f.stored)) and "master" in f.stored
+    if replaces_stored and decision.action is Action.UPLOAD:
+        assert (t.appservice_without_uia and f.is_appservice) or f.window_open
+
+
+@given(toggles, all_facts)
+def test_nothing_is_written_only_when_nothing_changes(t: Toggles, f: Facts) -> None:
+    if decide(t, f).action is Action.NOTHING:
+        assert changed_keys(f.requested, f.stored) == {}
+
+
+@given(toggles, all_facts)
+def test_identical_requests_are_exactly_those_with_no_changes(t: Toggles, f: Facts) -> None:
+    assert is_identical(f.requested, f.stored) == (bool(f.requested) and not changed_keys(f.requested, f.stored))
+
+
+@given(all_facts, st.sampled_from(["first_upload_without_uia", "identical_reupload_without_uia", "appservice_without_uia"]))
+def test_turning_a_toggle_off_never_relaxes(f: Facts, name: str) -> None:
+    """Strictness is monotonic: with an exemption switched off, a request that needed UIA
+    still does."""
+    lenient = ON
+    strict = Toggles(**{**{k: True for k in ("first_upload_without_uia", "identical_reupload_without_uia", "appservice_without_uia")}, name: False})
+    if decide(lenient, f).action in (Action.REQUIRE_UIA, Action.DELEGATE):
+        assert decide(strict, f).action in (Action.REQUIRE_UIA, Action.DELEGATE)
+
+
+@given(toggles, all_facts)
+def test_delegated_auth_replaces_uia(t: Toggles, f: Facts) -> None:
+    action = decide(t, f).action
+    if f.delegated_auth:
+        assert action is not Action.REQUIRE_UIA
+    else:
+        assert action is not Action.DELEGATE
+
+
+@pytest.mark.parametrize("rule", list(Rule))
+def test_every_rule_is_reachable(rule: Rule) -> None:
+    examples = {
+        Rule.NO_KEYS: facts(),
+        Rule.IDENTICAL_REUPLOAD: facts(requested={"master": MASTER}, stored={"master": MASTER}),
+        Rule.FIRST_UPLOAD: facts(requested={"master": MASTER}),
+        Rule.APPSERVICE: facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, is_appservice=True),
+        Rule.REPLACEMENT_WINDOW: facts(
+            requested={"master": OTHER_MASTER}, stored={"master": MASTER}, window_expires_ms=1, now_ms=0
+        ),
+        Rule.DELEGATED_AUTH: facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, delegated_auth=True),
+        Rule.UIA: facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}),
+    }
+    assert decide(ON, examples[rule]).rule is rule
