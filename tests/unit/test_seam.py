@@ -1,0 +1,78 @@
+"""The start-up self-check of the Synapse seam: outside the supported range, or with a
+private name missing, the module refuses to start and says which Synapse it supports."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from synapse.module_api.errors import ConfigError
+
+from synapse_xsign_uia import _synapse
+
+
+@pytest.mark.parametrize("version", ["1.98.0", "1.120.2", "1.140.0rc1", "1.163.2"])
+def test_supported_versions(version: str) -> None:
+    _synapse.check_synapse_version(version)
+
+
+@pytest.mark.parametrize("version", ["1.97.0", "1.96.1", "1.163.3", "1.164.0", "2.0.0"])
+def test_unsupported_versions(version: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.check_synapse_version(version)
+    assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
+    assert version in str(info.value)
+
+
+def test_installed_synapse_is_supported() -> None:
+    _synapse.check_synapse_version()
+
+
+def test_every_private_name_resolves() -> None:
+    for name in _synapse.REQUIRED_NAMES:
+        assert _synapse.resolve(name) is not None
+
+
+def test_missing_name() -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.resolve("synapse.rest.client.keys:NoSuchServlet")
+    message = str(info.value)
+    assert "synapse.rest.client.keys.NoSuchServlet is missing" in message
+    assert "Synapse 1.98.0 to 1.163.2" in message
+
+
+def fake_homeserver(**missing: bool) -> Any:
+    store = SimpleNamespace(**{m: lambda: None for m in _synapse.REQUIRED_STORE_METHODS if m not in missing})
+    handler = SimpleNamespace(
+        **{m: lambda: None for methods in _synapse.REQUIRED_HANDLER_METHODS.values() for m in methods}
+    )
+    methods: dict[str, Any] = {m: (lambda: handler) for m in _synapse.REQUIRED_HS_METHODS}
+    methods["get_datastores"] = lambda: SimpleNamespace(main=store)
+    for name in missing:
+        methods.pop(name, None)
+    return SimpleNamespace(**methods)
+
+
+def test_complete_homeserver_passes() -> None:
+    _synapse.check_internals(fake_homeserver())
+
+
+def test_missing_homeserver_method() -> None:
+    with pytest.raises(ConfigError, match=r"HomeServer.get_worker_locks_handler is missing.*|.*1\.98\.0 to 1\.163\.2"):
+        _synapse.check_internals(fake_homeserver(get_worker_locks_handler=True))
+
+
+def test_missing_store_method() -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.check_internals(fake_homeserver(get_master_cross_signing_key_updatable_before=True))
+    assert "get_master_cross_signing_key_updatable_before" in str(info.value)
+    assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("1.98.0", (1, 98, 0)), ("1.163.2", (1, 163, 2)), ("1.120.0rc1", (1, 120, 0)), ("1.99", (1, 99, 0))],
+)
+def test_parse_version(text: str, parsed: tuple[int, int, int]) -> None:
+    assert _synapse.parse_version(text) == parsed
