@@ -1,0 +1,347 @@
+"""A scaled-out homeserver for the tests: a private PostgreSQL cluster, a Redis server, a
+Synapse main process and one `generic_worker` serving the client API, all on loopback."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from signedjson.key import generate_signing_key, write_signing_keys
+
+from tests.harness.server import MODULE, base_config, deep_merge, free_port
+
+# Set by CI: a missing PostgreSQL or Redis is then a failure, not a skip.
+REQUIRE_ENV = "XSIGN_REQUIRE_WORKER_TESTS"
+
+INSTALL_HINT = (
+    "install them to run the worker tests: `apt-get install postgresql redis-server` and "
+    "`pip install 'matrix-synapse[postgres,redis]'`"
+)
+
+
+def _find_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    # Debian keeps the PostgreSQL server binaries off PATH.
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
+    return candidates[0] if candidates else None
+
+
+def missing_requirements() -> list[str]:
+    """What the worker deployment needs and this machine lacks."""
+    missing = [name for name in ("initdb", "pg_ctl", "redis-server") if _find_binary(name) is None]
+    for module, extra in (("psycopg2", "postgres"), ("txredisapi", "redis")):
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"{module} (matrix-synapse[{extra}])")
+    return missing
+
+
+def _wait_for(check: Any, what: str, timeout: float, process: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} was not ready in {timeout}s:\n{tail}")
+
+
+class PostgresCluster:
+    """A throw-away cluster created with `initdb`, trusting loopback connections."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data = directory / "pgdata"
+        self.port = free_port()
+        self.log = directory / "postgres.log"
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            # initdb refuses to run as root.
+            self._user = "postgres"
+            try:
+                pwd.getpwnam(self._user)
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", self._user], check=True)
+
+    def _run(self, *args: str) -> None:
+        command = list(args)
+        if self._user is not None:
+            command = ["runuser", "-u", self._user, "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> PostgresCluster:
+        self.data.mkdir(parents=True)
+        self.log.touch()
+        if self._user is not None:
+            shutil.chown(self.directory, self._user)
+            shutil.chown(self.data, self._user)
+            shutil.chown(self.log, self._user)
+        self._run(
+            str(_find_binary("initdb")),
+            "-D", str(self.data),
+            "-U", "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+        )
+        self._run(
+            str(_find_binary("pg_ctl")),
+            "-D", str(self.data),
+            "-l", str(self.log),
+            "-w",
+            "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            "start",
+        )
+        return self
+
+    def create_database(self, name: str) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            # Synapse requires the C collation.
+            cursor.execute(
+                f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+            )
+        conn.close()
+
+    def stop(self) -> None:
+        if self.data.exists():
+            try:
+                self._run(str(_find_binary("pg_ctl")), "-D", str(self.data), "-m", "immediate", "stop")
+            except subprocess.CalledProcessError:
+                pass
+
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.log = directory / "redis.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [
+                str(_find_binary("redis-server")),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.directory),
+                "--logfile", str(self.log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        import socket
+
+        def ping() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+
+        _wait_for(ping, "redis-server", 30, self.process, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+class SynapseProcess:
+    """One Synapse process (main or worker) started from config files."""
+
+    def __init__(self, name: str, app: str, configs: list[Path], port: int, log: Path, cwd: Path) -> None:
+        self.name = name
+        self.app = app
+        self.configs = configs
+        self.port = port
+        self.log = log
+        self.cwd = cwd
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180) -> SynapseProcess:
+        args = [sys.executable, "-m", self.app]
+        for config in self.configs:
+            args += ["-c", str(config)]
+        stdout = (self.cwd / f"{self.name}.stdout").open("ab")
+        self.process = subprocess.Popen(args, cwd=self.cwd, stdout=stdout, stderr=subprocess.STDOUT)
+        stdout.close()
+        _wait_for(
+            lambda: requests.get(f"{self.base_url}/health", timeout=2).status_code == 200,
+            f"Synapse {self.name}",
+            timeout,
+            self.process,
+            self.cwd / f"{self.name}.stdout",
+        )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log_lines(self, needle: str) -> list[str]:
+        if not self.log.exists():
+            return []
+        return [line for line in self.log.read_text(errors="replace").splitlines() if needle in line]
+
+
+def _log_config(directory: Path, name: str) -> Path:
+    path = directory / f"{name}.log.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "formatters": {
+                    "precise": {
+                        "format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - "
+                        "%(request)s - %(message)s"
+                    }
+                },
+                "filters": {"context": {"()": "synapse.logging.context.LoggingContextFilter"}},
+                "handlers": {
+                    "file": {
+                        "class": "logging.FileHandler",
+                        "formatter": "precise",
+                        "filename": str(directory / f"{name}.log"),
+                        "filters": ["context"],
+                        "encoding": "utf8",
+                    }
+                },
+                "loggers": {"synapse.storage.SQL": {"level": "WARNING"}},
+                "root": {"level": "INFO", "handlers": ["file"]},
+                "disable_existing_loggers": False,
+            }
+        )
+    )
+    return path
+
+
+class WorkerDeployment:
+    """PostgreSQL + Redis + Synapse main (client, admin and replication listeners) + one
+    generic worker with a client listener; the module is loaded in both processes."""
+
+    def __init__(self, module_config: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="xsign-workers-"))
+        self.module_config = module_config or {}
+        self.extra_config = extra_config or {}
+        self.postgres = PostgresCluster(self.directory)
+        self.redis = RedisServer(self.directory)
+        self.main_port = free_port()
+        self.replication_port = free_port()
+        self.worker_port = free_port()
+        self.config: dict[str, Any] = {}
+        self.main = SynapseProcess(
+            "main", "synapse.app.homeserver", [], self.main_port, self.directory / "main.log", self.directory
+        )
+        self.worker = SynapseProcess(
+            "worker1", "synapse.app.generic_worker", [], self.worker_port, self.directory / "worker1.log", self.directory
+        )
+
+    @property
+    def shared_secret(self) -> str:
+        return str(self.config["registration_shared_secret"])
+
+    def _write_configs(self) -> None:
+        config = base_config(self.directory, self.main_port, "localhost")
+        config["log_config"] = str(_log_config(self.directory, "main"))
+        config["listeners"].append(
+            {
+                "port": self.replication_port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "resources": [{"names": ["replication"]}],
+            }
+        )
+        config["database"] = {
+            "name": "psycopg2",
+            "args": {
+                "user": "postgres",
+                "host": "127.0.0.1",
+                "port": self.postgres.port,
+                "database": "synapse",
+                "cp_min": 1,
+                "cp_max": 10,
+            },
+        }
+        config["redis"] = {"enabled": True, "host": "127.0.0.1", "port": self.redis.port}
+        config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
+        config["modules"] = [{"module": MODULE, "config": self.module_config}]
+        self.config = deep_merge(config, self.extra_config)
+        with open(self.config["signing_key_path"], "w") as f:
+            write_signing_keys(f, [generate_signing_key("a_test")])
+        main_path = self.directory / "homeserver.yaml"
+        main_path.write_text(yaml.safe_dump(self.config))
+
+        worker_path = self.directory / "worker1.yaml"
+        worker_path.write_text(
+            yaml.safe_dump(
+                {
+                    "worker_app": "synapse.app.generic_worker",
+                    "worker_name": "worker1",
+                    "worker_listeners": [
+                        {
+                            "type": "http",
+                            "port": self.worker_port,
+                            "bind_addresses": ["127.0.0.1"],
+                            "resources": [{"names": ["client"]}],
+                        }
+                    ],
+                    "worker_log_config": str(_log_config(self.directory, "worker1")),
+                }
+            )
+        )
+        self.main.configs = [main_path]
+        self.worker.configs = [main_path, worker_path]
+
+    def start(self) -> WorkerDeployment:
+        try:
+            self.postgres.start()
+            self.postgres.create_database("synapse")
+            self.redis.start()
+            self._write_configs()
+            # Main first: it prepares the empty database.
+            self.main.start()
+            self.worker.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, cleanup: bool = True) -> None:
+        self.worker.stop()
+        self.main.stop()
+        self.redis.stop()
+        self.postgres.stop()
+        if cleanup:
+            shutil.rmtree(self.directory, ignore_errors=True)

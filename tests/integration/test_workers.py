@@ -1,0 +1,195 @@
+"""The module on a scaled-out homeserver: PostgreSQL, Redis, a main process and a
+`generic_worker` serving the client API, all started by the tests."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import requests
+import synapse
+
+from synapse_xsign_uia._synapse import parse_version
+from tests.harness.client import CrossSigningKeys, User, register_user
+from tests.harness.workers import INSTALL_HINT, REQUIRE_ENV, WorkerDeployment, missing_requirements
+
+pytestmark = pytest.mark.synapse
+
+SYNAPSE = parse_version(synapse.__version__)
+# Before 1.135 Synapse serves the upload endpoint on the main process only, and a reverse
+# proxy sends it there.
+WORKERS_SERVE_UPLOAD = SYNAPSE >= (1, 135, 0)
+ROUNDS = 20
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[WorkerDeployment]:
+    missing = missing_requirements()
+    if missing:
+        message = f"missing {', '.join(missing)}; {INSTALL_HINT}"
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but the worker tests cannot run: {message}")
+        pytest.skip(message)
+    deployment = WorkerDeployment().start()
+    yield deployment
+    deployment.stop()
+
+
+def on(user: User, base_url: str) -> User:
+    """The same user and access token, talking to another process."""
+    return User(base_url, user.user_id, user.access_token, user.device_id, user.password)
+
+
+def upload_url(deployment: WorkerDeployment) -> str:
+    return deployment.worker.base_url if WORKERS_SERVE_UPLOAD else deployment.main.base_url
+
+
+def test_module_loads_in_every_process(deployment: WorkerDeployment) -> None:
+    for process in (deployment.main, deployment.worker):
+        assert process.log_lines("synapse_xsign_uia 0.1.0 loaded (with workers)"), process.name
+        assert process.log_lines("synapse_xsign_uia self-check passed"), process.name
+
+
+@pytest.mark.skipif(not WORKERS_SERVE_UPLOAD, reason="Synapse < 1.135 serves this endpoint on main only")
+def test_worker_serves_the_upload_override(deployment: WorkerDeployment) -> None:
+    user = register_user(deployment.main.base_url, deployment.shared_secret)
+    assert on(user, deployment.worker.base_url).upload(user.keys().body()).status_code == 200
+    assert deployment.worker.log_lines(f"user={user.user_id} rule=first_upload outcome=uploaded")
+
+
+@pytest.mark.parametrize("process", ["main", "worker"])
+def test_every_rule_behaves_the_same_on_each_process(deployment: WorkerDeployment, process: str) -> None:
+    if process == "worker" and not WORKERS_SERVE_UPLOAD:
+        pytest.skip("Synapse < 1.135 serves this endpoint on main only")
+    base_url = deployment.worker.base_url if process == "worker" else deployment.main.base_url
+    user = on(register_user(deployment.main.base_url, deployment.shared_secret), base_url)
+    keys = user.keys()
+    assert user.upload({}).status_code == 200
+    bad = keys.body()
+    bad["master_key"]["user_id"] = "@someone:localhost"
+    assert user.upload(bad).json()["errcode"] == "M_INVALID_PARAM"
+    assert user.upload(keys.body()).status_code == 200
+    assert user.upload(keys.body()).status_code == 200
+    new = user.keys()
+    challenge = user.upload(new.body())
+    assert challenge.status_code == 401
+    response = user.upload({**new.body(), "auth": user.password_auth(challenge.json()["session"])})
+    assert response.status_code == 200
+    # Every process sees the new keys at once: the other one, and a fresh read through main.
+    assert on(user, deployment.main.base_url).stored_public_keys()["master"] == new.master.public
+    assert on(user, deployment.worker.base_url).stored_public_keys()["master"] == new.master.public
+
+
+def race_main_and_worker(deployment: WorkerDeployment) -> tuple[list[int], bool]:
+    user = register_user(deployment.main.base_url, deployment.shared_secret)
+    contenders = [on(user, deployment.main.base_url), on(user, upload_url(deployment))]
+    keys = [user.keys(), user.keys()]
+    barrier = threading.Barrier(2)
+
+    def send(index: int) -> requests.Response:
+        contenders[index].request("GET", "/_matrix/client/versions")
+        barrier.wait()
+        return contenders[index].upload(keys[index].body())
+
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(send, range(2)))
+    stored = on(user, deployment.main.base_url).stored_public_keys()["master"]
+    winners = [k.master.public for k, r in zip(keys, responses, strict=True) if r.status_code == 200]
+    return [r.status_code for r in responses], stored in winners
+
+
+def test_concurrent_first_uploads_on_main_and_worker(deployment: WorkerDeployment) -> None:
+    """The lock is cross-process: one request on main, one on the worker, same instant."""
+    for _ in range(ROUNDS):
+        statuses, stored_is_winner = race_main_and_worker(deployment)
+        assert sorted(statuses) == [200, 401], statuses
+        assert stored_is_winner
+
+
+def test_restarting_the_worker_loses_nothing_and_holds_no_lock(deployment: WorkerDeployment) -> None:
+    """Uploads run against the worker while it restarts: every answered upload is stored as
+    answered, and afterwards every user can upload again at once (no lock left behind)."""
+    users = [register_user(deployment.main.base_url, deployment.shared_secret) for _ in range(30)]
+    sent: dict[str, tuple[CrossSigningKeys, int | None]] = {}
+    stop = threading.Event()
+
+    def upload_all() -> None:
+        for user in users:
+            if stop.is_set():
+                break
+            keys = user.keys()
+            try:
+                status: int | None = on(user, upload_url(deployment)).upload(keys.body()).status_code
+            except requests.RequestException:
+                status = None  # the worker went away mid-request
+            sent[user.user_id] = (keys, status)
+            time.sleep(0.05)
+
+    uploader = threading.Thread(target=upload_all)
+    uploader.start()
+    time.sleep(0.3)
+    deployment.worker.stop()
+    deployment.worker.start()
+    uploader.join(timeout=120)
+    stop.set()
+
+    answered = 0
+    for user in users:
+        if user.user_id not in sent:
+            continue
+        keys, status = sent[user.user_id]
+        stored = on(user, deployment.main.base_url).stored_public_keys().get("master")
+        if status == 200:
+            answered += 1
+            assert stored == keys.master.public
+        elif status is None:
+            assert stored in (None, keys.master.public)
+        else:
+            # Refused while the worker restarted (e.g. a 502 from a closing listener).
+            assert stored is None
+    assert answered > 0
+
+    # No lock was left behind: every user uploads again promptly, through main.
+    for user in users:
+        started = time.monotonic()
+        response = on(user, deployment.main.base_url).upload_with_uia(user.keys().body())
+        assert response.status_code == 200, response.text
+        assert time.monotonic() - started < 10
+
+
+def test_uploads_wait_for_the_cross_worker_lock(deployment: WorkerDeployment) -> None:
+    """With workers the module takes Synapse's database-backed lock: while another process
+    holds the user's lock, an upload waits, and it goes through once the lock is released."""
+    import psycopg2
+
+    user = register_user(deployment.main.base_url, deployment.shared_secret)
+    conn = psycopg2.connect(host="127.0.0.1", port=deployment.postgres.port, user="postgres", dbname="synapse")
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO worker_locks (lock_name, lock_key, instance_name, token, last_renewed_ts)"
+            " VALUES ('synapse_xsign_uia_upload', %s, 'elsewhere', 'held-by-test', %s)",
+            (user.user_id, int(time.time() * 1000)),
+        )
+    result: dict[str, Any] = {}
+
+    def upload() -> None:
+        result["response"] = on(user, upload_url(deployment)).upload(user.keys().body())
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    time.sleep(2)
+    assert "response" not in result, "the upload did not wait for the lock"
+    released = time.monotonic()
+    with conn.cursor() as cursor:
+        cursor.execute("DELETE FROM worker_locks WHERE token = 'held-by-test'")
+    conn.close()
+    thread.join(timeout=60)
+    assert result["response"].status_code == 200
+    assert result["at"] - released < 30
