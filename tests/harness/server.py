@@ -135,6 +135,7 @@ class SynapseServer:
         extra_config: dict[str, Any] | None = None,
         name: str = "synapse",
         directory: Path | None = None,
+        port: int | None = None,
     ) -> None:
         self.with_module = with_module
         self.module_config = module_config or {}
@@ -142,7 +143,8 @@ class SynapseServer:
         self.name = name
         self._own_directory = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix=f"xsign-{name}-"))
-        self.port = free_port()
+        # A fixed port is for a long-running local server; the tests take a free one.
+        self.port = port if port is not None else free_port()
         self.server_name = "localhost"
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config: dict[str, Any] = {}

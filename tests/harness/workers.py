@@ -3,6 +3,7 @@ Synapse main process and one `generic_worker` serving the client API, all on loo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -49,7 +50,13 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def _wait_for(check: Any, what: str, timeout: float, process: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+def _wait_for(
+    check: Any,
+    what: str,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -97,18 +104,23 @@ class PostgresCluster:
             shutil.chown(self.log, self._user)
         self._run(
             str(_find_binary("initdb")),
-            "-D", str(self.data),
-            "-U", "postgres",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
             "--auth=trust",
             "--encoding=UTF8",
             "--locale=C",
         )
         self._run(
             str(_find_binary("pg_ctl")),
-            "-D", str(self.data),
-            "-l", str(self.log),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
             "-w",
-            "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-o",
+            f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
             "start",
         )
@@ -117,7 +129,9 @@ class PostgresCluster:
     def create_database(self, name: str) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres"
+        )
         conn.autocommit = True
         with conn.cursor() as cursor:
             # Synapse requires the C collation.
@@ -128,10 +142,10 @@ class PostgresCluster:
 
     def stop(self) -> None:
         if self.data.exists():
-            try:
-                self._run(str(_find_binary("pg_ctl")), "-D", str(self.data), "-m", "immediate", "stop")
-            except subprocess.CalledProcessError:
-                pass
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._run(
+                    str(_find_binary("pg_ctl")), "-D", str(self.data), "-m", "immediate", "stop"
+                )
 
 
 class RedisServer:
@@ -145,12 +159,18 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 str(_find_binary("redis-server")),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                "--logfile", str(self.log),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.log),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -174,7 +194,9 @@ class RedisServer:
 class SynapseProcess:
     """One Synapse process (main or worker) started from config files."""
 
-    def __init__(self, name: str, app: str, configs: list[Path], port: int, log: Path, cwd: Path) -> None:
+    def __init__(
+        self, name: str, app: str, configs: list[Path], port: int, log: Path, cwd: Path
+    ) -> None:
         self.name = name
         self.app = app
         self.configs = configs
@@ -213,7 +235,9 @@ class SynapseProcess:
     def log_lines(self, needle: str) -> list[str]:
         if not self.log.exists():
             return []
-        return [line for line in self.log.read_text(errors="replace").splitlines() if needle in line]
+        return [
+            line for line in self.log.read_text(errors="replace").splitlines() if needle in line
+        ]
 
 
 def _log_config(directory: Path, name: str) -> Path:
@@ -251,7 +275,11 @@ class WorkerDeployment:
     """PostgreSQL + Redis + Synapse main (client, admin and replication listeners) + one
     generic worker with a client listener; the module is loaded in both processes."""
 
-    def __init__(self, module_config: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        module_config: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="xsign-workers-"))
         self.module_config = module_config or {}
         self.extra_config = extra_config or {}
@@ -262,10 +290,20 @@ class WorkerDeployment:
         self.worker_port = free_port()
         self.config: dict[str, Any] = {}
         self.main = SynapseProcess(
-            "main", "synapse.app.homeserver", [], self.main_port, self.directory / "main.log", self.directory
+            "main",
+            "synapse.app.homeserver",
+            [],
+            self.main_port,
+            self.directory / "main.log",
+            self.directory,
         )
         self.worker = SynapseProcess(
-            "worker1", "synapse.app.generic_worker", [], self.worker_port, self.directory / "worker1.log", self.directory
+            "worker1",
+            "synapse.app.generic_worker",
+            [],
+            self.worker_port,
+            self.directory / "worker1.log",
+            self.directory,
         )
 
     @property

@@ -39,7 +39,10 @@ def race(users: list[User], bodies: list[dict[str, Any]]) -> list[requests.Respo
 
 
 def sessions_for(server: SynapseServer, user: User, count: int) -> list[User]:
-    return [User(server.base_url, user.user_id, user.access_token, user.device_id, user.password) for _ in range(count)]
+    return [
+        User(server.base_url, user.user_id, user.access_token, user.device_id, user.password)
+        for _ in range(count)
+    ]
 
 
 def first_upload_round(server: SynapseServer, contenders: int = 2) -> tuple[list[int], bool]:
@@ -48,7 +51,9 @@ def first_upload_round(server: SynapseServer, contenders: int = 2) -> tuple[list
     responses = race(sessions_for(server, user, contenders), [k.body() for k in keys])
     statuses = [r.status_code for r in responses]
     stored = user.stored_public_keys()["master"]
-    winners = [k.master.public for k, r in zip(keys, responses, strict=True) if r.status_code == 200]
+    winners = [
+        k.master.public for k, r in zip(keys, responses, strict=True) if r.status_code == 200
+    ]
     return statuses, stored in winners
 
 

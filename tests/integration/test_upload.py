@@ -109,7 +109,10 @@ def test_replacement_requires_uia(server: SynapseServer, user: User) -> None:
     response = user.upload({**new.body(), "auth": user.password_auth(challenge["session"])})
     assert (response.status_code, response.json()) == (200, {})
     assert user.stored_public_keys()["master"] == new.master.public
-    assert decisions(server, user)[-2:] == ["rule=uia outcome=uia_challenge", "rule=uia outcome=uploaded"]
+    assert decisions(server, user)[-2:] == [
+        "rule=uia outcome=uia_challenge",
+        "rule=uia outcome=uploaded",
+    ]
 
 
 def test_wrong_password_is_refused(user: User) -> None:
@@ -157,7 +160,9 @@ def test_identical_reupload_toggle_off(synapse_server: ServerFactory) -> None:
 
 
 @pytest.mark.parametrize("value", ["x", 5, ["master"], True])
-def test_key_that_is_not_an_object(server: SynapseServer, native_server: SynapseServer, value: Any) -> None:
+def test_key_that_is_not_an_object(
+    server: SynapseServer, native_server: SynapseServer, value: Any
+) -> None:
     user = register_user(server.base_url, server.shared_secret)
     assert_error(user.upload({"master_key": value}), 400, "M_BAD_JSON")
     assert user.stored_keys() == {}
@@ -233,7 +238,9 @@ def login_with_device(server: SynapseServer, user: User, device_id: str) -> User
         timeout=30,
     )
     response.raise_for_status()
-    return User(server.base_url, user.user_id, response.json()["access_token"], device_id, user.password)
+    return User(
+        server.base_url, user.user_id, response.json()["access_token"], device_id, user.password
+    )
 
 
 def test_key_id_in_use_by_a_device(server: SynapseServer, native_server: SynapseServer) -> None:
@@ -291,7 +298,9 @@ def test_rotate_self_signing_key_while_resending_master(
 # Requirement 5: no partial writes.
 
 
-def test_refused_request_changes_no_key(server: SynapseServer, native_server: SynapseServer) -> None:
+def test_refused_request_changes_no_key(
+    server: SynapseServer, native_server: SynapseServer
+) -> None:
     """A new master key with a self-signing key whose ID is taken: nothing is stored."""
     user = register_user(server.base_url, server.shared_secret)
     old = with_keys(user)

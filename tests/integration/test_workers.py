@@ -55,7 +55,9 @@ def test_module_loads_in_every_process(deployment: WorkerDeployment) -> None:
         assert process.log_lines("synapse_xsign_uia self-check passed"), process.name
 
 
-@pytest.mark.skipif(not WORKERS_SERVE_UPLOAD, reason="Synapse < 1.135 serves this endpoint on main only")
+@pytest.mark.skipif(
+    not WORKERS_SERVE_UPLOAD, reason="Synapse < 1.135 serves this endpoint on main only"
+)
 def test_worker_serves_the_upload_override(deployment: WorkerDeployment) -> None:
     user = register_user(deployment.main.base_url, deployment.shared_secret)
     assert on(user, deployment.worker.base_url).upload(user.keys().body()).status_code == 200
@@ -63,7 +65,9 @@ def test_worker_serves_the_upload_override(deployment: WorkerDeployment) -> None
 
 
 @pytest.mark.parametrize("process", ["main", "worker"])
-def test_every_rule_behaves_the_same_on_each_process(deployment: WorkerDeployment, process: str) -> None:
+def test_every_rule_behaves_the_same_on_each_process(
+    deployment: WorkerDeployment, process: str
+) -> None:
     if process == "worker" and not WORKERS_SERVE_UPLOAD:
         pytest.skip("Synapse < 1.135 serves this endpoint on main only")
     base_url = deployment.worker.base_url if process == "worker" else deployment.main.base_url
@@ -99,7 +103,9 @@ def race_main_and_worker(deployment: WorkerDeployment) -> tuple[list[int], bool]
     with ThreadPoolExecutor(2) as pool:
         responses = list(pool.map(send, range(2)))
     stored = on(user, deployment.main.base_url).stored_public_keys()["master"]
-    winners = [k.master.public for k, r in zip(keys, responses, strict=True) if r.status_code == 200]
+    winners = [
+        k.master.public for k, r in zip(keys, responses, strict=True) if r.status_code == 200
+    ]
     return [r.status_code for r in responses], stored in winners
 
 
@@ -111,7 +117,9 @@ def test_concurrent_first_uploads_on_main_and_worker(deployment: WorkerDeploymen
         assert stored_is_winner
 
 
-def test_restarting_the_worker_loses_nothing_and_holds_no_lock(deployment: WorkerDeployment) -> None:
+def test_restarting_the_worker_loses_nothing_and_holds_no_lock(
+    deployment: WorkerDeployment,
+) -> None:
     """Uploads run against the worker while it restarts: every answered upload is stored as
     answered, and afterwards every user can upload again at once (no lock left behind)."""
     users = [register_user(deployment.main.base_url, deployment.shared_secret) for _ in range(30)]
@@ -124,7 +132,9 @@ def test_restarting_the_worker_loses_nothing_and_holds_no_lock(deployment: Worke
                 break
             keys = user.keys()
             try:
-                status: int | None = on(user, upload_url(deployment)).upload(keys.body()).status_code
+                status: int | None = (
+                    on(user, upload_url(deployment)).upload(keys.body()).status_code
+                )
             except requests.RequestException:
                 status = None  # the worker went away mid-request
             sent[user.user_id] = (keys, status)
@@ -168,7 +178,9 @@ def test_uploads_wait_for_the_cross_worker_lock(deployment: WorkerDeployment) ->
     import psycopg2
 
     user = register_user(deployment.main.base_url, deployment.shared_secret)
-    conn = psycopg2.connect(host="127.0.0.1", port=deployment.postgres.port, user="postgres", dbname="synapse")
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=deployment.postgres.port, user="postgres", dbname="synapse"
+    )
     conn.autocommit = True
     with conn.cursor() as cursor:
         cursor.execute(
@@ -193,3 +205,29 @@ def test_uploads_wait_for_the_cross_worker_lock(deployment: WorkerDeployment) ->
     thread.join(timeout=60)
     assert result["response"].status_code == 200
     assert result["at"] - released < 30
+
+
+WINDOW_PATH = "/_synapse/admin/v1/users/{}/_allow_cross_signing_replacement_without_uia"
+
+
+def test_admin_window_granted_on_main_is_honoured_where_uploads_run(
+    deployment: WorkerDeployment,
+) -> None:
+    admin = register_user(deployment.main.base_url, deployment.shared_secret, admin=True)
+    user = register_user(deployment.main.base_url, deployment.shared_secret)
+    uploader = on(user, upload_url(deployment))
+    assert uploader.upload(user.keys().body()).status_code == 200
+    path = WINDOW_PATH.format(requests.utils.quote(user.user_id))
+
+    granted = admin.request("POST", path, {})
+    assert granted.status_code == 200, granted.text
+    new = user.keys()
+    assert uploader.upload(new.body()).status_code == 200
+    assert on(user, deployment.main.base_url).stored_public_keys()["master"] == new.master.public
+    # Used once: the new master key has no window.
+    assert uploader.upload(user.keys().body()).status_code == 401
+
+    assert admin.request("POST", path, {}).status_code == 200
+    assert admin.request("DELETE", path).status_code == 200
+    assert uploader.upload(user.keys().body()).status_code == 401
+    assert on(user, deployment.main.base_url).stored_public_keys()["master"] == new.master.public

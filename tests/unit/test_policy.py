@@ -57,7 +57,12 @@ def test_row2_needs_every_key_to_match() -> None:
     requested = {"master": MASTER, "self_signing": OTHER_SSK}
     assert decide(ON, facts(requested=requested, stored=stored)).rule is Rule.UIA
     # A key type that is not stored yet is new, so not identical.
-    assert decide(ON, facts(requested={"master": MASTER, "self_signing": SSK}, stored={"master": MASTER})).rule is Rule.UIA
+    assert (
+        decide(
+            ON, facts(requested={"master": MASTER, "self_signing": SSK}, stored={"master": MASTER})
+        ).rule
+        is Rule.UIA
+    )
 
 
 def test_row2_toggle_off_requires_uia() -> None:
@@ -66,13 +71,20 @@ def test_row2_toggle_off_requires_uia() -> None:
 
 
 def test_row3_first_upload() -> None:
-    assert decide(ON, facts(requested={"master": MASTER})) == Decision(Rule.FIRST_UPLOAD, Action.UPLOAD)
+    assert decide(ON, facts(requested={"master": MASTER})) == Decision(
+        Rule.FIRST_UPLOAD, Action.UPLOAD
+    )
     # Only a stored *master* key counts as "set up".
-    assert decide(ON, facts(requested={"master": MASTER}, stored={"self_signing": SSK})).rule is Rule.FIRST_UPLOAD
+    assert (
+        decide(ON, facts(requested={"master": MASTER}, stored={"self_signing": SSK})).rule
+        is Rule.FIRST_UPLOAD
+    )
 
 
 def test_row3_toggle_off_requires_uia() -> None:
-    assert decide(OFF, facts(requested={"master": MASTER})) == Decision(Rule.UIA, Action.REQUIRE_UIA)
+    assert decide(OFF, facts(requested={"master": MASTER})) == Decision(
+        Rule.UIA, Action.REQUIRE_UIA
+    )
 
 
 def test_row4_appservice() -> None:
@@ -87,7 +99,10 @@ def test_row5_window() -> None:
         Rule.REPLACEMENT_WINDOW, Action.UPLOAD
     )
     # The window has no toggle: an admin opened it on purpose.
-    assert decide(OFF, facts(**base, window_expires_ms=2000, now_ms=1999)).rule is Rule.REPLACEMENT_WINDOW
+    assert (
+        decide(OFF, facts(**base, window_expires_ms=2000, now_ms=1999)).rule
+        is Rule.REPLACEMENT_WINDOW
+    )
     assert decide(ON, facts(**base, window_expires_ms=2000, now_ms=2000)).rule is Rule.UIA
     assert decide(ON, facts(**base, window_expires_ms=None, now_ms=0)).rule is Rule.UIA
 
@@ -120,7 +135,9 @@ def test_requested_keys_ignores_null_and_other_fields() -> None:
 
 def test_changed_keys() -> None:
     stored = {"master": MASTER, "self_signing": SSK}
-    assert changed_keys({"master": MASTER, "self_signing": OTHER_SSK}, stored) == {"self_signing": OTHER_SSK}
+    assert changed_keys({"master": MASTER, "self_signing": OTHER_SSK}, stored) == {
+        "self_signing": OTHER_SSK
+    }
     assert changed_keys({"master": MASTER}, stored) == {}
     assert changed_keys({"user_signing": SSK}, stored) == {"user_signing": SSK}
 
@@ -158,15 +175,34 @@ def test_nothing_is_written_only_when_nothing_changes(t: Toggles, f: Facts) -> N
 
 @given(toggles, all_facts)
 def test_identical_requests_are_exactly_those_with_no_changes(t: Toggles, f: Facts) -> None:
-    assert is_identical(f.requested, f.stored) == (bool(f.requested) and not changed_keys(f.requested, f.stored))
+    assert is_identical(f.requested, f.stored) == (
+        bool(f.requested) and not changed_keys(f.requested, f.stored)
+    )
 
 
-@given(all_facts, st.sampled_from(["first_upload_without_uia", "identical_reupload_without_uia", "appservice_without_uia"]))
+@given(
+    all_facts,
+    st.sampled_from(
+        ["first_upload_without_uia", "identical_reupload_without_uia", "appservice_without_uia"]
+    ),
+)
 def test_turning_a_toggle_off_never_relaxes(f: Facts, name: str) -> None:
     """Strictness is monotonic: with an exemption switched off, a request that needed UIA
     still does."""
     lenient = ON
-    strict = Toggles(**{**{k: True for k in ("first_upload_without_uia", "identical_reupload_without_uia", "appservice_without_uia")}, name: False})
+    strict = Toggles(
+        **{
+            **{
+                k: True
+                for k in (
+                    "first_upload_without_uia",
+                    "identical_reupload_without_uia",
+                    "appservice_without_uia",
+                )
+            },
+            name: False,
+        }
+    )
     if decide(lenient, f).action in (Action.REQUIRE_UIA, Action.DELEGATE):
         assert decide(strict, f).action in (Action.REQUIRE_UIA, Action.DELEGATE)
 
@@ -186,11 +222,18 @@ def test_every_rule_is_reachable(rule: Rule) -> None:
         Rule.NO_KEYS: facts(),
         Rule.IDENTICAL_REUPLOAD: facts(requested={"master": MASTER}, stored={"master": MASTER}),
         Rule.FIRST_UPLOAD: facts(requested={"master": MASTER}),
-        Rule.APPSERVICE: facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, is_appservice=True),
-        Rule.REPLACEMENT_WINDOW: facts(
-            requested={"master": OTHER_MASTER}, stored={"master": MASTER}, window_expires_ms=1, now_ms=0
+        Rule.APPSERVICE: facts(
+            requested={"master": OTHER_MASTER}, stored={"master": MASTER}, is_appservice=True
         ),
-        Rule.DELEGATED_AUTH: facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, delegated_auth=True),
+        Rule.REPLACEMENT_WINDOW: facts(
+            requested={"master": OTHER_MASTER},
+            stored={"master": MASTER},
+            window_expires_ms=1,
+            now_ms=0,
+        ),
+        Rule.DELEGATED_AUTH: facts(
+            requested={"master": OTHER_MASTER}, stored={"master": MASTER}, delegated_auth=True
+        ),
         Rule.UIA: facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}),
     }
     assert decide(ON, examples[rule]).rule is rule

@@ -43,9 +43,15 @@ def test_missing_name() -> None:
 
 
 def fake_homeserver(**missing: bool) -> Any:
-    store = SimpleNamespace(**{m: lambda: None for m in _synapse.REQUIRED_STORE_METHODS if m not in missing})
+    store = SimpleNamespace(
+        **{m: lambda: None for m in _synapse.REQUIRED_STORE_METHODS if m not in missing}
+    )
     handler = SimpleNamespace(
-        **{m: lambda: None for methods in _synapse.REQUIRED_HANDLER_METHODS.values() for m in methods}
+        **{
+            m: lambda: None
+            for methods in _synapse.REQUIRED_HANDLER_METHODS.values()
+            for m in methods
+        }
     )
     methods: dict[str, Any] = {m: (lambda: handler) for m in _synapse.REQUIRED_HS_METHODS}
     methods["get_datastores"] = lambda: SimpleNamespace(main=store)
@@ -59,20 +65,28 @@ def test_complete_homeserver_passes() -> None:
 
 
 def test_missing_homeserver_method() -> None:
-    with pytest.raises(ConfigError, match=r"HomeServer.get_worker_locks_handler is missing.*|.*1\.98\.0 to 1\.163\.2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"HomeServer.get_worker_locks_handler is missing.*|.*1\.98\.0 to 1\.163\.2",
+    ):
         _synapse.check_internals(fake_homeserver(get_worker_locks_handler=True))
 
 
 def test_missing_store_method() -> None:
     with pytest.raises(ConfigError) as info:
-        _synapse.check_internals(fake_homeserver(get_master_cross_signing_key_updatable_before=True))
-    assert "get_master_cross_signing_key_updatable_before" in str(info.value)
+        _synapse.check_internals(fake_homeserver(get_e2e_cross_signing_key=True))
+    assert "get_e2e_cross_signing_key" in str(info.value)
     assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
 
 
 @pytest.mark.parametrize(
     ("text", "parsed"),
-    [("1.98.0", (1, 98, 0)), ("1.163.2", (1, 163, 2)), ("1.120.0rc1", (1, 120, 0)), ("1.99", (1, 99, 0))],
+    [
+        ("1.98.0", (1, 98, 0)),
+        ("1.163.2", (1, 163, 2)),
+        ("1.120.0rc1", (1, 120, 0)),
+        ("1.99", (1, 99, 0)),
+    ],
 )
 def test_parse_version(text: str, parsed: tuple[int, int, int]) -> None:
     assert _synapse.parse_version(text) == parsed

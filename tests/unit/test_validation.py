@@ -77,7 +77,9 @@ def mutated(keys: CrossSigningKeys, field: str, change: Any) -> dict[str, Any]:
     ],
 )
 @pytest.mark.parametrize("field", ["master_key", "self_signing_key", "user_signing_key"])
-def test_malformed_keys(keys: CrossSigningKeys, field: str, change: Any, errcode: str, words: str) -> None:
+def test_malformed_keys(
+    keys: CrossSigningKeys, field: str, change: Any, errcode: str, words: str
+) -> None:
     body = mutated(keys, field, change)
     error = refused(check_keys, requested_keys(body), USER)
     assert (error.status, error.errcode) == (400, errcode)
@@ -108,17 +110,24 @@ def test_subkeys_signed_by_the_stored_master_when_none_is_sent(keys: CrossSignin
     assert error.errcode == "M_INVALID_SIGNATURE"
 
 
-def test_subkey_signed_by_the_old_master_is_refused_with_a_new_master(keys: CrossSigningKeys) -> None:
+def test_subkey_signed_by_the_old_master_is_refused_with_a_new_master(
+    keys: CrossSigningKeys,
+) -> None:
     stored = {"master": keys.master_key(), "self_signing": keys.self_signing_key()}
     new = CrossSigningKeys(USER)
     body = {"master_key": new.master_key(), "self_signing_key": keys.self_signing_key()}
-    assert refused(check_signatures, requested_keys(body), stored, USER).errcode == "M_INVALID_SIGNATURE"
+    assert (
+        refused(check_signatures, requested_keys(body), stored, USER).errcode
+        == "M_INVALID_SIGNATURE"
+    )
 
 
 def test_unsigned_subkey(keys: CrossSigningKeys) -> None:
     body = keys.body()
     body["user_signing_key"].pop("signatures")
-    assert refused(check_signatures, requested_keys(body), {}, USER).errcode == "M_INVALID_SIGNATURE"
+    assert (
+        refused(check_signatures, requested_keys(body), {}, USER).errcode == "M_INVALID_SIGNATURE"
+    )
 
 
 def test_subkey_without_any_master(keys: CrossSigningKeys) -> None:
@@ -129,7 +138,9 @@ def test_subkey_without_any_master(keys: CrossSigningKeys) -> None:
 def test_tampered_subkey(keys: CrossSigningKeys) -> None:
     body = keys.body()
     body["self_signing_key"]["usage"].append("extra")
-    assert refused(check_signatures, requested_keys(body), {}, USER).errcode == "M_INVALID_SIGNATURE"
+    assert (
+        refused(check_signatures, requested_keys(body), {}, USER).errcode == "M_INVALID_SIGNATURE"
+    )
 
 
 def test_key_id_in_use(keys: CrossSigningKeys) -> None:
@@ -150,16 +161,24 @@ def test_same_public_key_with_other_content(keys: CrossSigningKeys) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 key_like = st.fixed_dictionaries(
     {},
     optional={
         "user_id": st.sampled_from([USER, "@bob:example.org"]) | json_values,
-        "usage": st.lists(st.sampled_from(["master", "self_signing", "user_signing"]), max_size=2) | json_values,
-        "keys": st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=2) | json_values,
-        "signatures": st.dictionaries(st.just(USER), st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=2), max_size=1)
+        "usage": st.lists(st.sampled_from(["master", "self_signing", "user_signing"]), max_size=2)
+        | json_values,
+        "keys": st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=2)
+        | json_values,
+        "signatures": st.dictionaries(
+            st.just(USER),
+            st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=2),
+            max_size=1,
+        )
         | json_values,
     },
 )
