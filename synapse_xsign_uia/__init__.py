@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from synapse_xsign_uia import _synapse
+from synapse_xsign_uia.admin import ReplacementWindowAdmin, build_admin_window_servlet
 from synapse_xsign_uia.config import Config, parse_config
 from synapse_xsign_uia.upload import UploadPolicy, build_upload_servlet
 
@@ -34,6 +35,13 @@ class CrossSigningUIAModule:
         self.upload_policy = UploadPolicy(config, api, self.internals)
         self.upload_servlet = build_upload_servlet(self.upload_policy)
         _synapse.install_servlet(UPLOAD_SERVLET, self.upload_servlet)
+        self.admin_window_servlet: type | None = None
+        # Synapse serves its admin API on the main process only.
+        if _synapse.is_main_process(hs):
+            self.admin_window_servlet = build_admin_window_servlet(
+                ReplacementWindowAdmin(config, api, self.internals)
+            )
+            _synapse.install_servlet(_synapse.ADMIN_WINDOW_SERVLET, self.admin_window_servlet)
         # Listeners are built right after modules load, in the same reactor turn.
         _synapse.call_soon(hs, self._check_installed)
         logger.info(
@@ -55,6 +63,8 @@ class CrossSigningUIAModule:
         upload_on_workers = _synapse.synapse_version() >= (1, 135, 0)
         if serves_client and (_synapse.is_main_process(hs) or upload_on_workers):
             expected["the cross-signing upload servlet"] = self.upload_servlet
+        if serves_client and self.admin_window_servlet is not None:
+            expected["the replacement-window admin servlet"] = self.admin_window_servlet
         return expected
 
     def _check_installed(self) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import synapse
-from synapse.module_api.errors import ConfigError
+from synapse.module_api.errors import ConfigError, SynapseError
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -35,11 +35,13 @@ REQUIRED_NAMES = (
     "synapse.rest.client.keys:register_servlets",
     "synapse.rest.client._base:interactive_auth_handler",
     "synapse.rest.admin:UserReplaceMasterCrossSigningKeyRestServlet",
+    "synapse.rest.admin._base:assert_user_is_admin",
     "synapse.http.servlet:parse_json_object_from_request",
     "synapse.util.async_helpers:Linearizer",
     "synapse.api.errors:InteractiveAuthIncompleteError",
 )
 REQUIRED_HS_METHODS = (
+    "get_auth",
     "get_datastores",
     "get_e2e_keys_handler",
     "get_auth_handler",
@@ -52,11 +54,9 @@ REQUIRED_HANDLER_METHODS = {
     "get_auth_handler": ("validate_user_via_ui_auth",),
     "get_worker_locks_handler": ("acquire_lock",),
 }
-REQUIRED_STORE_METHODS = (
-    "get_e2e_cross_signing_key",
-    "get_master_cross_signing_key_updatable_before",
-    "allow_master_cross_signing_key_replacement_without_uia",
-)
+# The window column (`updatable_without_uia_before_ms`) is read and written with SQL: its
+# store methods exist only in the main process's store on older releases.
+REQUIRED_STORE_METHODS = ("get_e2e_cross_signing_key",)
 
 _LOCK_NAME = "synapse_xsign_uia_upload"
 
@@ -135,9 +135,9 @@ def interactive_auth_handler() -> Callable[[Any], Any]:
     return resolve("synapse.rest.client._base:interactive_auth_handler")  # type: ignore[no-any-return]
 
 
-def parse_json_object(request: SynapseRequest) -> dict[str, Any]:
+def parse_json_object(request: SynapseRequest, *, allow_empty_body: bool = False) -> dict[str, Any]:
     parse = resolve("synapse.http.servlet:parse_json_object_from_request")
-    return parse(request)  # type: ignore[no-any-return]
+    return parse(request, allow_empty_body=allow_empty_body)  # type: ignore[no-any-return]
 
 
 def rewind_body(request: SynapseRequest) -> None:
@@ -217,6 +217,7 @@ class Internals:
         self.with_workers = runs_with_workers(self.hs)
         linearizer = resolve("synapse.util.async_helpers:Linearizer")
         self._linearizer = linearizer(name=_LOCK_NAME, clock=self.clock)
+        self.windows = ReplacementWindows(api, self.clock)
 
     def now_ms(self) -> int:
         return int(self.clock.time_msec())
@@ -275,6 +276,15 @@ class Internals:
 
     async def validate_uia(self, requester: Any, request: SynapseRequest, body: Any) -> None:
         """Synapse's own UIA, every stage the server offers, never the grace-period skip."""
+        if not getattr(requester, "access_token_id", None):
+            # Synapse's UIA needs a user's access token (an application service acting for
+            # a user has none) and would fail with a 500.
+            raise SynapseError(
+                403,
+                "This requester cannot complete user-interactive authentication, which is "
+                "required to replace existing cross-signing keys",
+                "M_FORBIDDEN",
+            )
         await self.auth_handler.validate_user_via_ui_auth(
             requester,
             request,
@@ -285,3 +295,179 @@ class Internals:
 
     async def upload_keys(self, user_id: str, body: Mapping[str, Any]) -> None:
         await self.e2e_keys_handler.upload_signing_keys_for_user(user_id, dict(body))
+
+
+# --- The admin replacement window -------------------------------------------------------
+
+ADMIN_WINDOW_SERVLET = "synapse.rest.admin:UserReplaceMasterCrossSigningKeyRestServlet"
+
+# Who granted which window: Synapse's column holds only the expiry, and the replacement that
+# uses a window may happen on another worker or after a restart.
+_GRANTS_TABLE = "synapse_xsign_uia_replacement_grants"
+
+
+def native_admin_window_servlet() -> type:
+    cls: type = resolve(ADMIN_WINDOW_SERVLET)
+    # A second module instance in the same process finds our class already installed.
+    return getattr(cls, "native_class", cls)
+
+
+async def require_admin(hs: HomeServer, request: SynapseRequest) -> Any:
+    """The requester, if a server admin; Synapse's own check, so that tokens that are admin by
+    scope rather than by the `admin` flag (delegated auth) keep working."""
+    auth: Any = hs.get_auth()
+    requester = await auth.get_user_by_req(request)
+    await resolve("synapse.rest.admin._base:assert_user_is_admin")(auth, requester)
+    return requester
+
+
+@attrs.frozen
+class Window:
+    """The replacement window of a user's latest master key, as stored."""
+
+    master_key: str  # the unpadded-base64 public key it was opened for
+    expires_ms: int | None
+
+
+def _master_public_key(keydata: str) -> str:
+    return str(next(iter(json.loads(keydata)["keys"].values())))
+
+
+def _latest_master(cursor: Any, user_id: str, count: int = 1) -> list[tuple[int, str, int | None]]:
+    cursor.execute(
+        "SELECT stream_id, keydata, updatable_without_uia_before_ms FROM e2e_cross_signing_keys"
+        " WHERE user_id = ? AND keytype = 'master' ORDER BY stream_id DESC LIMIT ?",
+        (user_id, count),
+    )
+    return [(int(row[0]), str(row[1]), row[2]) for row in cursor.fetchall()]
+
+
+def _set_expiry(cursor: Any, user_id: str, stream_id: int, expires_ms: int | None) -> None:
+    cursor.execute(
+        "UPDATE e2e_cross_signing_keys SET updatable_without_uia_before_ms = ?"
+        " WHERE user_id = ? AND keytype = 'master' AND stream_id = ?",
+        (expires_ms, user_id, stream_id),
+    )
+
+
+class ReplacementWindows:
+    """Grant, read and revoke the window in Synapse's own `updatable_without_uia_before_ms`
+    column, which every worker's upload decision reads, and record who granted it."""
+
+    def __init__(self, api: ModuleApi, clock: Any) -> None:
+        self._api = api
+        self._clock = clock
+        self._table_ready = False
+        linearizer = resolve("synapse.util.async_helpers:Linearizer")
+        self._table_linearizer = linearizer(name=_GRANTS_TABLE, clock=clock)
+
+    async def _ensure_table(self) -> None:
+        if self._table_ready:
+            return
+
+        def txn(cursor: Any) -> None:
+            cursor.execute(
+                f"CREATE TABLE IF NOT EXISTS {_GRANTS_TABLE} ("
+                " user_id TEXT NOT NULL PRIMARY KEY,"
+                " master_key TEXT NOT NULL,"
+                " expires_ms BIGINT NOT NULL,"
+                " granted_by TEXT NOT NULL,"
+                " granted_at_ms BIGINT NOT NULL)"
+            )
+
+        # Concurrent CREATE TABLE IF NOT EXISTS can collide on PostgreSQL.
+        async with self._table_linearizer.queue(()):
+            if not self._table_ready:
+                await self._api.run_db_interaction("synapse_xsign_uia_grants_table", txn)
+                self._table_ready = True
+
+    async def read(self, user_id: str) -> Window | None:
+        """The latest master key's window; None when the user has no master key."""
+
+        def txn(cursor: Any) -> Window | None:
+            rows = _latest_master(cursor, user_id)
+            if not rows:
+                return None
+            _, keydata, expires_ms = rows[0]
+            return Window(_master_public_key(keydata), expires_ms)
+
+        return await self._api.run_db_interaction("synapse_xsign_uia_read_window", txn)  # type: ignore[no-any-return]
+
+    async def grant(self, user_id: str, duration_ms: int, granted_by: str) -> Window | None:
+        """Open a window on the latest master key; None when the user has none."""
+        await self._ensure_table()
+        now_ms = int(self._clock.time_msec())
+        expires_ms = now_ms + duration_ms
+
+        def txn(cursor: Any) -> Window | None:
+            rows = _latest_master(cursor, user_id)
+            if not rows:
+                return None
+            stream_id, keydata, _ = rows[0]
+            master_key = _master_public_key(keydata)
+            _set_expiry(cursor, user_id, stream_id, expires_ms)
+            cursor.execute(f"DELETE FROM {_GRANTS_TABLE} WHERE user_id = ?", (user_id,))
+            cursor.execute(
+                f"INSERT INTO {_GRANTS_TABLE}"
+                " (user_id, master_key, expires_ms, granted_by, granted_at_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (user_id, master_key, expires_ms, granted_by, now_ms),
+            )
+            return Window(master_key, expires_ms)
+
+        return await self._api.run_db_interaction("synapse_xsign_uia_grant_window", txn)  # type: ignore[no-any-return]
+
+    async def revoke(self, user_id: str) -> Window | None:
+        """Close the latest master key's window; returns it as it was before, or None when
+        the user has no master key."""
+        await self._ensure_table()
+
+        def txn(cursor: Any) -> Window | None:
+            rows = _latest_master(cursor, user_id)
+            if not rows:
+                return None
+            stream_id, keydata, expires_ms = rows[0]
+            if expires_ms is not None:
+                _set_expiry(cursor, user_id, stream_id, None)
+            cursor.execute(f"DELETE FROM {_GRANTS_TABLE} WHERE user_id = ?", (user_id,))
+            return Window(_master_public_key(keydata), expires_ms)
+
+        return await self._api.run_db_interaction("synapse_xsign_uia_revoke_window", txn)  # type: ignore[no-any-return]
+
+    async def grantor(self, user_id: str, *, master_replaced: bool) -> str | None:
+        """Who granted the window an upload just went through, or None when no admin did
+        through this module (e.g. the Matrix Authentication Service's own endpoint).
+
+        Called under the upload lock, right after the upload: the window belonged to the
+        previous master key if the upload replaced it, else to the current one. A grant
+        whose key is gone is spent, so it is removed.
+        """
+
+        def txn(cursor: Any) -> str | None:
+            cursor.execute(
+                f"SELECT master_key, expires_ms, granted_by FROM {_GRANTS_TABLE} WHERE user_id = ?",
+                (user_id,),
+            )
+            grant = cursor.fetchone()
+            if grant is None:
+                return None
+            rows = _latest_master(cursor, user_id, 2)
+            used = rows[1] if master_replaced and len(rows) > 1 else rows[0] if rows else None
+            if master_replaced:
+                cursor.execute(f"DELETE FROM {_GRANTS_TABLE} WHERE user_id = ?", (user_id,))
+            if used is None:
+                return None
+            master_key, expires_ms, granted_by = grant
+            # A later write of the column by anyone else (say, delegated auth) makes the
+            # recorded grant stale.
+            if _master_public_key(used[1]) == master_key and used[2] == expires_ms:
+                return str(granted_by)
+            return None
+
+        try:
+            await self._ensure_table()
+            return await self._api.run_db_interaction("synapse_xsign_uia_window_grantor", txn)  # type: ignore[no-any-return]
+        except Exception:
+            # The keys are already stored: a failed look-up must not fail the request.
+            logger.warning("Could not look up who granted %s's window", user_id, exc_info=True)
+            return None

@@ -116,9 +116,15 @@ class UploadPolicy:
             }
             await self._internals.upload_keys(user_id, fields)
             if decision.rule is Rule.REPLACEMENT_WINDOW:
+                grantor = await self._internals.windows.grantor(
+                    user_id, master_replaced="master" in changed
+                )
                 logger.info(
-                    "Cross-signing master key of %s replaced through an admin-granted window",
+                    "Cross-signing keys replaced through an admin-granted window: user=%s "
+                    "admin=%s keys=%s",
                     user_id,
+                    grantor or "unknown (not granted through this module)",
+                    ",".join(sorted(changed)),
                 )
             return self._done(user_id, decision.rule, "uploaded")
         return self._done(user_id, decision.rule, "nothing_written")
