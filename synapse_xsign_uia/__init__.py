@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from synapse_xsign_uia import _synapse
 from synapse_xsign_uia.admin import ReplacementWindowAdmin, build_admin_window_servlet
 from synapse_xsign_uia.config import Config, parse_config
+from synapse_xsign_uia.resync import DeviceListResyncResource, register_resync_resource
 from synapse_xsign_uia.upload import UploadPolicy, build_upload_servlet
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ class CrossSigningUIAModule:
                 ReplacementWindowAdmin(config, api, self.internals)
             )
             _synapse.install_servlet(_synapse.ADMIN_WINDOW_SERVLET, self.admin_window_servlet)
+        self.resync_resource: DeviceListResyncResource | None = None
+        if config.device_list_resync.enabled:
+            self.resync_resource = register_resync_resource(
+                config.device_list_resync, api, self.internals
+            )
         # Listeners are built right after modules load, in the same reactor turn.
         _synapse.call_soon(hs, self._check_installed)
         logger.info(
