@@ -450,3 +450,32 @@ def test_on_a_worker_the_device_list_writer_fetches(deployment: WorkerDeployment
     body = assert_error(resync(worker, f"@b:{closed}"), 502, "M_UNKNOWN")
     assert body[REASON] == "backoff"
     assert body["retry_after_ms"] > 0
+
+
+def test_on_a_worker_an_unreachable_main_process_is_a_clear_error(
+    deployment: WorkerDeployment,
+) -> None:
+    """The fetch goes to the main process over replication: with main down, the client gets
+    a 502 within the timeout instead of waiting on replication retries."""
+    admin = register_user(deployment.main.base_url, deployment.shared_secret, admin=True)
+    worker = User(
+        deployment.worker.base_url,
+        admin.user_id,
+        admin.access_token,
+        admin.device_id,
+        admin.password,
+    )
+    deployment.main.stop()
+    try:
+        with StaticFederationServer(200) as remote:
+            target = f"@someone:{remote.server_name}"
+            remote.body = device_list(target, "REMOTEDEVICE")
+            started = time.monotonic()
+            response = resync(worker, target, timeout=TIMEOUT_S + 30)
+            elapsed = time.monotonic() - started
+            body = assert_error(response, 502, "M_UNKNOWN")
+            assert body[REASON] in ("timeout", "error"), body
+            assert elapsed < TIMEOUT_S + 5
+            assert remote.requests == 0
+    finally:
+        deployment.main.start()

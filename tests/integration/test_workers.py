@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -217,7 +218,7 @@ def test_admin_window_granted_on_main_is_honoured_where_uploads_run(
     user = register_user(deployment.main.base_url, deployment.shared_secret)
     uploader = on(user, upload_url(deployment))
     assert uploader.upload(user.keys().body()).status_code == 200
-    path = WINDOW_PATH.format(requests.utils.quote(user.user_id))
+    path = WINDOW_PATH.format(quote(user.user_id))
 
     granted = admin.request("POST", path, {})
     assert granted.status_code == 200, granted.text
