@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from synapse_xsign_uia import _synapse
 from synapse_xsign_uia.admin import ReplacementWindowAdmin, build_admin_window_servlet
 from synapse_xsign_uia.config import Config, parse_config
+from synapse_xsign_uia.notice import check_server_notices
 from synapse_xsign_uia.resync import DeviceListResyncResource, register_resync_resource
 from synapse_xsign_uia.upload import UploadPolicy, build_upload_servlet
 
@@ -31,6 +32,7 @@ class CrossSigningUIAModule:
         self._api = api
         hs = api._hs
         _synapse.check_internals(hs)
+        check_server_notices(config.notify_on_reset, hs)
         self.config = config
         self.internals = _synapse.Internals(api)
         self.upload_policy = UploadPolicy(config, api, self.internals)

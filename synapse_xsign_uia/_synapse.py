@@ -20,6 +20,9 @@ from synapse.module_api.errors import ConfigError, SynapseError
 from twisted.internet import defer
 from twisted.internet import error as twisted_error
 
+from synapse_xsign_uia.body import read_json_object
+from synapse_xsign_uia.validation import RequestError, check_uia_auth
+
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
     from synapse.module_api import ModuleApi
@@ -38,9 +41,9 @@ REQUIRED_NAMES = (
     "synapse.rest.client._base:interactive_auth_handler",
     "synapse.rest.admin:UserReplaceMasterCrossSigningKeyRestServlet",
     "synapse.rest.admin._base:assert_user_is_admin",
-    "synapse.http.servlet:parse_json_object_from_request",
     "synapse.util.async_helpers:Linearizer",
     "synapse.api.errors:InteractiveAuthIncompleteError",
+    "synapse.api.errors:InvalidClientTokenError",
     # Device-list resync.
     "synapse.handlers.device:DeviceListUpdater",
     "synapse.handlers.device:DeviceListWorkerUpdater",
@@ -49,12 +52,15 @@ REQUIRED_NAMES = (
     "synapse.api.errors:RequestSendFailed",
     "synapse.api.errors:HttpResponseException",
     "synapse.api.errors:FederationDeniedError",
+    # Identity-reset notice.
+    "synapse.server_notices.server_notices_manager:ServerNoticesManager",
 )
 # Methods of classes named above: "module:Class" -> method names.
 REQUIRED_CLASS_METHODS = {
     "synapse.handlers.device:DeviceListUpdater": ("multi_user_device_resync",),
     "synapse.handlers.device:DeviceListWorkerUpdater": ("multi_user_device_resync",),
     "synapse.federation.federation_client:FederationClient": ("query_user_devices",),
+    "synapse.server_notices.server_notices_manager:ServerNoticesManager": ("send_notice",),
 }
 REQUIRED_HS_METHODS = (
     "get_auth",
@@ -66,6 +72,8 @@ REQUIRED_HS_METHODS = (
     "get_reactor",
     "get_device_handler",
     "get_federation_client",
+    # Not called at start-up: on a worker it raises (see send_server_notice).
+    "get_server_notices_manager",
 )
 REQUIRED_HANDLER_METHODS = {
     "get_e2e_keys_handler": ("upload_signing_keys_for_user",),
@@ -77,13 +85,14 @@ REQUIRED_HANDLER_METHODS = {
 # The window column (`updatable_without_uia_before_ms`) is read and written with SQL: its
 # store methods exist only in the main process's store on older releases.
 REQUIRED_STORE_METHODS = (
-    "get_e2e_cross_signing_key",
+    "get_e2e_cross_signing_keys_bulk",
     "mark_remote_users_device_caches_as_stale",
     "do_users_share_a_room",
     "get_destination_retry_timings",
 )
 
 _LOCK_NAME = "synapse_xsign_uia_upload"
+_NOT_CACHED = object()
 
 
 def parse_version(version: str) -> tuple[int, int, int]:
@@ -165,8 +174,12 @@ def interactive_auth_handler() -> Callable[[Any], Any]:
 
 
 def parse_json_object(request: SynapseRequest, *, allow_empty_body: bool = False) -> dict[str, Any]:
-    parse = resolve("synapse.http.servlet:parse_json_object_from_request")
-    return parse(request, allow_empty_body=allow_empty_body)  # type: ignore[no-any-return]
+    """The request's JSON body, read strictly (see `body.py`): Synapse's own reader keeps the
+    last of duplicate keys and lets `1e999` through to fail in storage."""
+    try:
+        return read_json_object(request.content, allow_empty_body=allow_empty_body)
+    except RequestError as e:
+        raise SynapseError(e.status, e.message, e.errcode) from e
 
 
 def rewind_body(request: SynapseRequest) -> None:
@@ -244,6 +257,12 @@ class Internals:
         self.auth_handler: Any = self.hs.get_auth_handler()
         self.clock: Any = self.hs.get_clock()
         self.with_workers = runs_with_workers(self.hs)
+        # Synapse's cache behind `get_e2e_cross_signing_keys_bulk`: user ID -> the user's
+        # keys by type (None for a user without keys).
+        cached_function = getattr(self.store, "_get_bare_e2e_cross_signing_keys", None)
+        self._keys_cache: Any = getattr(cached_function, "cache", None)
+        if not callable(getattr(self._keys_cache, "get_immediate", None)):
+            self._keys_cache = None
         linearizer = resolve("synapse.util.async_helpers:Linearizer")
         self._linearizer = linearizer(name=_LOCK_NAME, clock=self.clock)
         self.windows = ReplacementWindows(api, self.clock)
@@ -262,14 +281,32 @@ class Internals:
             async with self.hs.get_worker_locks_handler().acquire_lock(_LOCK_NAME, user_id):
                 yield
 
-    async def cached_keys(self, user_id: str, key_types: Collection[str]) -> dict[str, Any]:
-        """Stored keys through Synapse's cache: for read-only answers."""
-        found: dict[str, Any] = {}
-        for key_type in key_types:
-            key = await self.store.get_e2e_cross_signing_key(user_id, key_type)
-            if key is not None:
-                found[key_type] = key
-        return found
+    async def cached_keys(self, user_id: str, key_types: Collection[str]) -> dict[str, Any] | None:
+        """The user's stored keys as Synapse's cache holds them, for read-only answers.
+
+        None when the cache holds nothing for the user: the caller then decides under the
+        lock from the database, rather than pay for a query here and read the database again.
+        """
+        if self._keys_cache is not None:
+            hit = self._keys_cache.get_immediate(user_id, _NOT_CACHED)
+            if hit is _NOT_CACHED:
+                return None
+            stored = hit or {}
+        else:
+            by_user = await self.store.get_e2e_cross_signing_keys_bulk([user_id])
+            stored = by_user.get(user_id) or {}
+        return {key_type: stored[key_type] for key_type in key_types if key_type in stored}
+
+    def warm_keys_cache(self, user_id: str) -> None:
+        """Fill Synapse's cache of the user's keys in the background, so that the next
+        identical re-upload is answered from it without the lock."""
+        if self._keys_cache is not None:
+            run_as_background_process(
+                self._api,
+                "synapse_xsign_uia_warm_keys_cache",
+                self.store.get_e2e_cross_signing_keys_bulk,
+                [user_id],
+            )
 
     async def read_stored_state(self, user_id: str, device_ids: Collection[str]) -> StoredState:
         """One database transaction: the latest key of each type, the master key's window,
@@ -305,6 +342,11 @@ class Internals:
 
     async def validate_uia(self, requester: Any, request: SynapseRequest, body: Any) -> None:
         """Synapse's own UIA, every stage the server offers, never the grace-period skip."""
+        check_uia_auth(body.get("auth"))
+        if "auth" in body and body["auth"] is None:
+            # Synapse 1.98 fails on `"auth": null` with a 500; later releases treat it as
+            # absent, as this does on every release.
+            body = {field: value for field, value in body.items() if field != "auth"}
         if not getattr(requester, "access_token_id", None):
             # Synapse's UIA needs a user's access token (an application service acting for
             # a user has none) and would fail with a 500.
@@ -323,6 +365,12 @@ class Internals:
         )
 
     async def upload_keys(self, user_id: str, body: Mapping[str, Any]) -> None:
+        if self.with_workers:
+            # Synapse verifies new sub-keys against the stored master key through its cache,
+            # which may not yet have seen a replacement made by another process.
+            cached_function = getattr(self.store, "_get_bare_e2e_cross_signing_keys", None)
+            if cached_function is not None:
+                cached_function.invalidate((user_id,))
         await self.e2e_keys_handler.upload_signing_keys_for_user(user_id, dict(body))
 
 
@@ -341,11 +389,58 @@ def native_admin_window_servlet() -> type:
     return getattr(cls, "native_class", cls)
 
 
+def _token_candidates(request: SynapseRequest) -> list[bytes]:
+    args: Any = request.args
+    headers = request.requestHeaders.getRawHeaders(b"Authorization") or []
+    return [
+        *(header.split(b" ", 1)[-1] for header in headers),
+        *(args.get(b"access_token") or []),
+    ]
+
+
+def _unparseable_as_guest_token(request: SynapseRequest) -> bool:
+    """Whether Synapse's fallback for a token it does not know, parsing it as a guest
+    macaroon, raises something Synapse does not catch (struct.error, IndexError, plain
+    Exception: pymacaroons raises them all for some strings)."""
+    import pymacaroons
+
+    for token in _token_candidates(request):
+        try:
+            pymacaroons.Macaroon.deserialize(token.decode("ascii"))
+        except (pymacaroons.exceptions.MacaroonException, TypeError, ValueError):
+            continue
+        except Exception:
+            return True
+    return False
+
+
+async def _authenticate(request: SynapseRequest, get_user: Callable[[], Awaitable[Any]]) -> Any:
+    """Synapse's authentication of the request, answering 401 where Synapse would fail
+    with a 500 on a malformed access token."""
+    invalid_token = resolve("synapse.api.errors:InvalidClientTokenError")
+    # Synapse decodes the token as ASCII without catching the error.
+    if any(not token.isascii() for token in _token_candidates(request)):
+        raise invalid_token("Unrecognised access token: it is not ASCII")
+    try:
+        return await get_user()
+    except SynapseError:
+        raise
+    except Exception:
+        if _unparseable_as_guest_token(request):
+            raise invalid_token("Invalid access token passed.") from None
+        raise
+
+
+async def get_user_by_req(api: ModuleApi, request: SynapseRequest) -> Any:
+    """`ModuleApi.get_user_by_req`, with a 401 for an access token Synapse cannot parse."""
+    return await _authenticate(request, lambda: api.get_user_by_req(request))
+
+
 async def require_admin(hs: HomeServer, request: SynapseRequest) -> Any:
     """The requester, if a server admin; Synapse's own check, so that tokens that are admin by
     scope rather than by the `admin` flag (delegated auth) keep working."""
     auth: Any = hs.get_auth()
-    requester = await auth.get_user_by_req(request)
+    requester = await _authenticate(request, lambda: auth.get_user_by_req(request))
     await resolve("synapse.rest.admin._base:assert_user_is_admin")(auth, requester)
     return requester
 
@@ -743,3 +838,26 @@ def _classify_by_backoff(backoff: tuple[int, int] | None, started_ms: int) -> Re
     if last_failure_ms < started_ms:
         return ResyncFailure("backoff", "backing off after earlier failures", retry_at_ms=ends_ms)
     return ResyncFailure("unreachable", "no answer, or a server error", ends_ms)
+
+
+# --- Identity-reset notice ----------------------------------------------------------------
+
+
+def server_notices_mxid(hs: HomeServer) -> str | None:
+    """The system user that sends server notices; None when `server_notices` is not set in
+    homeserver.yaml."""
+    config: Any = hs.config
+    section = _require_attribute(config, "servernotices", "HomeServer.config.servernotices")
+    mxid = _require_attribute(
+        section, "server_notices_mxid", "HomeServer.config.servernotices.server_notices_mxid"
+    )
+    return None if mxid is None else str(mxid)
+
+
+async def send_server_notice(hs: HomeServer, user_id: str, content: Mapping[str, Any]) -> None:
+    """Send a message to the user's server-notices room, creating and inviting them to it
+    if needed. Main process only: Synapse refuses to build its server-notices manager on a
+    worker ("Workers cannot send server notices"), as each process would otherwise keep its
+    own cache of which room is the user's and could create a second one."""
+    manager: Any = hs.get_server_notices_manager()
+    await manager.send_notice(user_id, dict(content))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from synapse.module_api import UserID
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_xsign_uia import _synapse
+from synapse_xsign_uia import _synapse, metrics
 from synapse_xsign_uia.config import Config
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class ReplacementWindowAdmin:
         self._api = api
         self._internals = internals
         self._windows = internals.windows
+        self._metrics = metrics.for_server(api.server_name)
 
     async def _target(self, request: SynapseRequest, user_id: str) -> tuple[str, str]:
         """The admin's ID and the canonical ID of the local user the request is about.
@@ -112,6 +113,7 @@ class ReplacementWindowAdmin:
             duration_ms,
             window.expires_ms,
         )
+        self._metrics.admin_window(metrics.GRANT)
         return HTTPStatus.OK, {"updatable_without_uia_before_ms": window.expires_ms}
 
     async def status(self, request: SynapseRequest, user_id: str) -> Response:
@@ -146,6 +148,7 @@ class ReplacementWindowAdmin:
             was_open,
             before.expires_ms,
         )
+        self._metrics.admin_window(metrics.REVOKE)
         return HTTPStatus.OK, {}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,30 @@ class ResyncConfig:
     burst_count: int = 5
 
 
+# The placeholders `notify_on_reset.message` may use, filled in when the notice is sent.
+NOTICE_PLACEHOLDERS = ("time", "user_id", "server_name", "method")
+
+DEFAULT_NOTICE_MESSAGE = (
+    "The cross-signing identity (master key) of your account {user_id} was replaced at "
+    "{time}, {method}. Your other sessions and the people you talk to will see that your "
+    "identity changed.\n\n"
+    "If you did this, there is nothing more to do. If you did not, someone else may have "
+    "access to your account: change your password, contact the administrator of "
+    "{server_name}, and verify your devices again."
+)
+
+# Server notices are events, which Synapse caps at 64 KiB of JSON.
+_LONGEST_NOTICE_MESSAGE = 10_000
+
+
+@attrs.frozen
+class NoticeConfig:
+    """The server notice sent to a user whose master key was replaced."""
+
+    enabled: bool = False
+    message: str = DEFAULT_NOTICE_MESSAGE
+
+
 @attrs.frozen
 class Config:
     first_upload_without_uia: bool = True
@@ -37,6 +62,7 @@ class Config:
     max_replacement_window_ms: int = _UNIT_MS["d"]
     appservice_without_uia: bool = True
     device_list_resync: ResyncConfig = ResyncConfig()
+    notify_on_reset: NoticeConfig = NoticeConfig()
 
 
 def _fail(path: list[str], message: str) -> ConfigError:
@@ -129,6 +155,44 @@ def _parse_resync(value: object) -> ResyncConfig:
     )
 
 
+def _parse_notice_message(value: object, path: list[str]) -> str:
+    """A `str.format` template whose only fields are the known placeholders, so that
+    formatting it when a notice is due cannot fail."""
+    known = ", ".join("{" + name + "}" for name in NOTICE_PLACEHOLDERS)
+    if not isinstance(value, str):
+        raise _fail(path, f"must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise _fail(path, "must not be empty")
+    if len(value) > _LONGEST_NOTICE_MESSAGE:
+        raise _fail(path, f"must be at most {_LONGEST_NOTICE_MESSAGE} characters, got {len(value)}")
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(value)
+            if name is not None
+        ]
+    except ValueError as e:
+        raise _fail(
+            path, f"is not a valid template ({e}); write a literal brace as '{{{{' or '}}}}'"
+        ) from e
+    for name, spec, conversion in fields:
+        if name not in NOTICE_PLACEHOLDERS:
+            raise _fail(path, f"has an unknown placeholder {{{name}}} (known: {known})")
+        if spec or conversion:
+            raise _fail(path, f"placeholder {{{name}}} takes no format or conversion")
+    return value
+
+
+def _parse_notice(value: object) -> NoticeConfig:
+    path = ["notify_on_reset"]
+    raw = _mapping(value, path, {"enabled", "message"})
+    default = NoticeConfig()
+    return NoticeConfig(
+        enabled=_parse_bool(raw.get("enabled", default.enabled), [*path, "enabled"]),
+        message=_parse_notice_message(raw.get("message", default.message), [*path, "message"]),
+    )
+
+
 def parse_config(value: object) -> Config:
     keys = {
         "first_upload_without_uia",
@@ -137,6 +201,7 @@ def parse_config(value: object) -> Config:
         "max_replacement_window",
         "appservice_without_uia",
         "device_list_resync",
+        "notify_on_reset",
     }
     raw = _mapping(value, [], keys)
     default = Config()
@@ -165,4 +230,5 @@ def parse_config(value: object) -> Config:
         max_replacement_window_ms=max_window,
         appservice_without_uia=flag("appservice_without_uia", default.appservice_without_uia),
         device_list_resync=_parse_resync(raw.get("device_list_resync")),
+        notify_on_reset=_parse_notice(raw.get("notify_on_reset")),
     )

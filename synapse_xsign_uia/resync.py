@@ -22,7 +22,7 @@ from synapse.api.errors import Codes, SynapseError
 from synapse.module_api import DirectServeJsonResource, make_deferred_yieldable
 from twisted.internet import defer
 
-from synapse_xsign_uia import _synapse
+from synapse_xsign_uia import _synapse, metrics
 from synapse_xsign_uia.config import ResyncConfig
 
 if TYPE_CHECKING:
@@ -328,6 +328,7 @@ class ResyncService:
         self._device_lists = _synapse.DeviceLists(api)
         self._cooldown: Cooldown[str] = Cooldown(config.per_user_cooldown_ms)
         self._flights: SingleFlight[str, defer.Deferred[Outcome]] = SingleFlight()
+        self._metrics = metrics.for_server(api.server_name)
 
     @property
     def device_lists(self) -> _synapse.DeviceLists:
@@ -341,6 +342,7 @@ class ResyncService:
             return Outcome(COOLDOWN)
         waiter: defer.Deferred[Outcome] = defer.Deferred()
         if self._flights.join(user_id, waiter):
+            self._metrics.resync_federation_request()
             _synapse.run_as_background_process(
                 self._api, "synapse_xsign_uia_device_list_resync", self._fetch, user_id
             )
@@ -397,19 +399,27 @@ class ResyncHandler:
         self._api = api
         self.service = ResyncService(config, api, internals)
         self._limiter: RateLimiter[str] = RateLimiter(config.rate_per_second, config.burst_count)
+        self._metrics = metrics.for_server(api.server_name)
 
     async def on_GET(self, request: SynapseRequest) -> tuple[int, dict[str, Any]]:
         segment = route_user_segment(request.postpath)
         if segment is None:
+            self._metrics.resync_request(metrics.RESYNC_INVALID)
             raise SynapseError(404, "Unrecognized request", Codes.UNRECOGNIZED)
-        requester = await self._api.get_user_by_req(request)
+        try:
+            requester = await _synapse.get_user_by_req(self._api, request)
+        except SynapseError:
+            self._metrics.resync_request(metrics.RESYNC_UNAUTHORIZED)
+            raise
         requester_id = requester.user.to_string()
         try:
             user_id = decode_user_segment(segment)
             server_name = parse_user_id(user_id)
         except InvalidUserId as e:
+            self._metrics.resync_request(metrics.RESYNC_INVALID)
             raise SynapseError(400, str(e), Codes.INVALID_PARAM) from e
         if self._api.is_mine(user_id):
+            self._metrics.resync_request(metrics.RESYNC_INVALID)
             raise SynapseError(
                 400,
                 f"{user_id} is a user of this homeserver, whose device list is never stale",
@@ -453,8 +463,8 @@ class ResyncHandler:
             headers = {"Retry-After": str(math.ceil(fields["retry_after_ms"] / 1000))}
         raise SynapseError(502, message, Codes.UNKNOWN, additional_fields=fields, headers=headers)
 
-    @staticmethod
     def _log(
+        self,
         requester_id: str,
         user_id: str,
         outcome: str,
@@ -467,6 +477,7 @@ class ResyncHandler:
             outcome,
             f" reason={failure.reason}" if failure is not None else "",
         )
+        self._metrics.resync_request(outcome)
 
 
 class DeviceListResyncResource(DirectServeJsonResource):

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.api.errors import SynapseError
 
-from synapse_xsign_uia import _synapse, policy, validation
+from synapse_xsign_uia import _synapse, metrics, policy, validation
 from synapse_xsign_uia.config import Config
+from synapse_xsign_uia.notice import ResetNotifier
 from synapse_xsign_uia.policy import Action, Decision, Facts, Rule, Toggles
 from synapse_xsign_uia.validation import RequestError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping
 
     from synapse.http.site import SynapseRequest
     from synapse.module_api import ModuleApi
@@ -37,9 +38,11 @@ class UploadPolicy:
         )
         self._delegated_auth = _synapse.delegated_auth_enabled(internals.hs)
         self._incomplete_uia = _synapse.resolve("synapse.api.errors:InteractiveAuthIncompleteError")
+        self._reset_notifier = ResetNotifier(config.notify_on_reset, api, internals)
+        self._metrics = metrics.for_server(api.server_name)
 
     async def handle(self, request: SynapseRequest, native: NativeHandler) -> tuple[int, Any]:
-        requester = await self._api.get_user_by_req(request)
+        requester = await _synapse.get_user_by_req(self._api, request)
         user_id = requester.user.to_string()
         body = _synapse.parse_json_object(request)
         rule: Rule | None = None
@@ -51,9 +54,10 @@ class UploadPolicy:
                 return self._done(user_id, rule, "nothing_written")
 
             # Answering "already stored" writes nothing, so it needs no lock.
+            cached: dict[str, Any] | None = None
             if self._toggles.identical_reupload_without_uia:
                 cached = await self._internals.cached_keys(user_id, requested.keys())
-                if policy.is_identical(requested, cached):
+                if cached is not None and policy.is_identical(requested, cached):
                     rule = Rule.IDENTICAL_REUPLOAD
                     return self._done(user_id, rule, "nothing_written")
 
@@ -75,12 +79,23 @@ class UploadPolicy:
                 )
                 rule = decision.rule
                 if decision.action is Action.NOTHING:
+                    if rule is Rule.IDENTICAL_REUPLOAD and cached is None:
+                        self._internals.warm_keys_cache(user_id)
                     return self._done(user_id, rule, "nothing_written")
 
-                validation.check_signatures(requested, stored.keys, user_id)
                 changed = policy.changed_keys(requested, stored.keys)
                 validation.check_replacements(changed, stored.keys, stored.taken_device_ids)
-                return await self._act(decision, request, requester, body, changed, native)
+                return await self._act(
+                    decision,
+                    request,
+                    requester,
+                    body,
+                    requested,
+                    stored.keys,
+                    changed,
+                    native,
+                    replaces_master="master" in changed and "master" in stored.keys,
+                )
         except RequestError as e:
             self._log(user_id, rule, f"refused:{e.errcode}")
             raise SynapseError(e.status, e.message, e.errcode) from e
@@ -88,7 +103,9 @@ class UploadPolicy:
             self._log(user_id, rule, "uia_challenge")
             raise
         except SynapseError as e:
-            self._log(user_id, rule, f"refused:{e.errcode}")
+            # Synapse's errcodes are `Codes` members, whose `format()` gives the member name
+            # (`Codes.FORBIDDEN`) from Python 3.11.
+            self._log(user_id, rule, f"refused:{getattr(e.errcode, 'value', e.errcode)}")
             raise
 
     async def _act(
@@ -97,8 +114,12 @@ class UploadPolicy:
         request: SynapseRequest,
         requester: Any,
         body: dict[str, Any],
+        requested: dict[str, policy.JsonKey],
+        stored: Mapping[str, policy.JsonKey],
         changed: dict[str, policy.JsonKey],
         native: NativeHandler,
+        *,
+        replaces_master: bool,
     ) -> tuple[int, Any]:
         user_id = requester.user.to_string()
         if decision.action is Action.DELEGATE:
@@ -109,12 +130,24 @@ class UploadPolicy:
         if decision.action is Action.REQUIRE_UIA:
             await self._internals.validate_uia(requester, request, body)
         if changed:
+            # Signatures are checked after UIA, as Synapse does: a challenge costs no
+            # signature verification. Synapse verifies the keys it is given before writing
+            # any of them; the requested keys it is not given (already stored) are checked
+            # here, against the master key of the request.
+            validation.check_signatures(
+                {k: v for k, v in requested.items() if k == "master" or k not in changed},
+                stored,
+                user_id,
+            )
             fields = {
                 field: changed[key_type]
                 for field, key_type in policy.KEY_FIELDS.items()
                 if key_type in changed
             }
             await self._internals.upload_keys(user_id, fields)
+            if replaces_master:
+                self._metrics.identity_reset(decision.rule.value)
+                self._reset_notifier.master_replaced(user_id, decision.rule)
             if decision.rule is Rule.REPLACEMENT_WINDOW:
                 grantor = await self._internals.windows.grantor(
                     user_id, master_replaced="master" in changed
@@ -126,6 +159,9 @@ class UploadPolicy:
                     grantor or "unknown (not granted through this module)",
                     ",".join(sorted(changed)),
                 )
+                if "master" in changed:
+                    # New sub-keys alone leave the window open for the reset it was for.
+                    self._metrics.admin_window(metrics.USED)
             return self._done(user_id, decision.rule, "uploaded")
         return self._done(user_id, decision.rule, "nothing_written")
 
@@ -133,14 +169,15 @@ class UploadPolicy:
         self._log(user_id, rule, outcome)
         return 200, {}
 
-    @staticmethod
-    def _log(user_id: str, rule: Rule | None, outcome: str) -> None:
+    def _log(self, user_id: str, rule: Rule | None, outcome: str) -> None:
+        rule_name = rule.value if rule is not None else metrics.VALIDATION
         logger.info(
             "cross-signing upload decision: user=%s rule=%s outcome=%s",
             user_id,
-            rule.value if rule is not None else "validation",
+            rule_name,
             outcome,
         )
+        self._metrics.upload_decision(rule_name, outcome)
 
 
 def build_upload_servlet(upload_policy: UploadPolicy) -> type:

@@ -85,7 +85,8 @@ def check_key(key: JsonKey, key_type: str, user_id: str) -> None:
     except Exception as e:
         raise _invalid(f"'{field}' is not a valid ed25519 public key") from e
     signatures = key.get("signatures")
-    if signatures is not None and not (
+    # Present but null is refused too: the signature check would fail on it with a 500.
+    if "signatures" in key and not (
         isinstance(signatures, dict)
         and all(
             isinstance(by_key, dict) and all(isinstance(sig, str) for sig in by_key.values())
@@ -155,3 +156,32 @@ def check_replacements(
             )
         if pub in taken_ids:
             raise RequestError(403, M_FORBIDDEN, "Key ID in use")
+
+
+# Fields of a UIA `auth` object that Synapse's UIA handler (1.98 to 1.163) uses as strings, or
+# as objects of strings, without checking their type: anything else there is a `500`.
+_AUTH_STRINGS = ("type", "session", "user", "medium", "address", "password", "response", "token")
+_AUTH_OBJECTS_OF_STRINGS = ("identifier", "threepid_creds")
+
+
+def check_uia_auth(auth: Any) -> None:
+    """Checks of the `auth` object, made only when UIA is about to run: other rows ignore it."""
+    if not isinstance(auth, dict):
+        return
+    for field in _AUTH_STRINGS:
+        if field in auth and not isinstance(auth[field], str):
+            raise _bad_json(f"'auth.{field}' must be a string")
+    for field in _AUTH_OBJECTS_OF_STRINGS:
+        value = auth.get(field)
+        if value is not None and not (
+            isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        ):
+            raise _bad_json(f"'auth.{field}' must be a JSON object of strings")
+    identifier = auth.get("identifier")
+    if (
+        isinstance(identifier, dict)
+        and identifier.get("type") == "m.id.phone"
+        and "number" not in identifier
+    ):
+        # Synapse reads `number` even when the spec's `phone` is there.
+        raise _invalid("'auth.identifier' of type 'm.id.phone' must give the number in 'number'")

@@ -327,8 +327,9 @@ def test_bad_signature_with_a_new_master_key_changes_nothing(user: User) -> None
     new = user.keys()
     body = new.body()
     body["user_signing_key"] = new.user_signing_key(signer=old.master)
-    challenge_or_error = user.upload(body)
-    assert_error(challenge_or_error, 400, "M_INVALID_SIGNATURE")
+    # UIA first, as in native Synapse; the signature is checked before anything is written.
+    assert user.upload(body).status_code == 401
+    assert_error(user.upload_with_uia(body), 400, "M_INVALID_SIGNATURE")
     assert user.stored_public_keys()["master"] == old.master.public
 
 
@@ -349,3 +350,13 @@ def test_one_log_line_per_decision(server: SynapseServer, user: User) -> None:
         "rule=uia outcome=uia_challenge",
         "rule=validation outcome=refused:M_BAD_JSON",
     ]
+
+
+def test_new_master_key_with_the_stored_self_signing_key_is_refused(user: User) -> None:
+    """The stored self-signing key is not sent to Synapse (it is unchanged), but it must be
+    signed by the new master key all the same."""
+    old = with_keys(user)
+    new = user.keys()
+    body = {**new.body(ssk=False, usk=False), "self_signing_key": old.self_signing_key()}
+    assert_error(user.upload_with_uia(body), 400, "M_INVALID_SIGNATURE")
+    assert user.stored_public_keys()["master"] == old.master.public

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from synapse.module_api.errors import ConfigError
 
 from synapse_xsign_uia import CrossSigningUIAModule
-from synapse_xsign_uia.config import Config, ResyncConfig, parse_config, parse_duration
+from synapse_xsign_uia.config import (
+    DEFAULT_NOTICE_MESSAGE,
+    Config,
+    NoticeConfig,
+    ResyncConfig,
+    parse_config,
+    parse_duration,
+)
 
 
 def error_for(config: Any) -> str:
@@ -33,6 +40,7 @@ def test_defaults() -> None:
             rate_per_second=0.2,
             burst_count=5,
         ),
+        notify_on_reset=NoticeConfig(enabled=False, message=DEFAULT_NOTICE_MESSAGE),
     )
 
 
@@ -62,6 +70,7 @@ def test_every_key() -> None:
                 "rate_per_second": 3,
                 "burst_count": 7,
             },
+            "notify_on_reset": {"enabled": True, "message": "Reset at {time}."},
         }
     )
     assert config == Config(
@@ -77,6 +86,7 @@ def test_every_key() -> None:
             rate_per_second=3.0,
             burst_count=7,
         ),
+        notify_on_reset=NoticeConfig(enabled=True, message="Reset at {time}."),
     )
 
 
@@ -200,3 +210,56 @@ def test_config_is_frozen() -> None:
     config = parse_config({})
     with pytest.raises(AttributeError):
         config.first_upload_without_uia = False  # type: ignore[misc]
+
+
+def test_notice_message_with_every_placeholder() -> None:
+    message = "{user_id} on {server_name}: {time}, {method}. {{Braces}} are literal."
+    config = parse_config({"notify_on_reset": {"message": message}})
+    assert config.notify_on_reset == NoticeConfig(enabled=False, message=message)
+
+
+def test_default_notice_message_uses_known_placeholders() -> None:
+    parse_config({"notify_on_reset": {"message": DEFAULT_NOTICE_MESSAGE}})
+    for placeholder in ("{time}", "{method}", "{user_id}", "{server_name}"):
+        assert placeholder in DEFAULT_NOTICE_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"enabled": "yes"}, "'notify_on_reset.enabled' must be true or false"),
+        ({"enabled": None}, "'notify_on_reset.enabled' must be true or false"),
+        ({"message": ""}, "'notify_on_reset.message' must not be empty"),
+        ({"message": " \n"}, "'notify_on_reset.message' must not be empty"),
+        ({"message": None}, "'notify_on_reset.message' must be a string"),
+        ({"message": ["a"]}, "'notify_on_reset.message' must be a string"),
+        ({"message": "x" * 10_001}, "'notify_on_reset.message' must be at most 10000 characters"),
+        ({"message": "at {when}"}, "'notify_on_reset.message' has an unknown placeholder {when}"),
+        ({"message": "at {}"}, "'notify_on_reset.message' has an unknown placeholder {}"),
+        ({"message": "at {0}"}, "'notify_on_reset.message' has an unknown placeholder {0}"),
+        ({"message": "{user_id.x}"}, "'notify_on_reset.message' has an unknown placeholder"),
+        ({"message": "{time:%Y}"}, "'notify_on_reset.message' placeholder {time} takes no"),
+        ({"message": "{time!r}"}, "'notify_on_reset.message' placeholder {time} takes no"),
+        ({"message": "a { b"}, "'notify_on_reset.message' is not a valid template"),
+        ({"message": "a } b"}, "'notify_on_reset.message' is not a valid template"),
+        ({"mesage": "x"}, "'notify_on_reset.mesage' is not a known option"),
+    ],
+)
+def test_notice_errors(section: dict[str, Any], message: str) -> None:
+    assert message in error_for({"notify_on_reset": section})
+
+
+def test_unknown_placeholder_error_lists_the_known_ones() -> None:
+    message = error_for({"notify_on_reset": {"message": "{when}"}})
+    assert "{time}, {user_id}, {server_name}, {method}" in message
+
+
+def test_notice_must_be_a_mapping() -> None:
+    assert "'notify_on_reset' must be a mapping" in error_for({"notify_on_reset": True})
+    assert parse_config({"notify_on_reset": None}).notify_on_reset == NoticeConfig()
+
+
+def test_notice_error_carries_the_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"notify_on_reset": {"message": "{when}"}})
+    assert list(info.value.path or []) == ["notify_on_reset", "message"]

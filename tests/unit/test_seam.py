@@ -74,8 +74,8 @@ def test_missing_homeserver_method() -> None:
 
 def test_missing_store_method() -> None:
     with pytest.raises(ConfigError) as info:
-        _synapse.check_internals(fake_homeserver(get_e2e_cross_signing_key=True))
-    assert "get_e2e_cross_signing_key" in str(info.value)
+        _synapse.check_internals(fake_homeserver(get_e2e_cross_signing_keys_bulk=True))
+    assert "get_e2e_cross_signing_keys_bulk" in str(info.value)
     assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
 
 

@@ -1,0 +1,411 @@
+"""Latency of the cross-signing key upload, native Synapse against Synapse with the module.
+
+The endpoint is `POST /_matrix/client/v3/keys/device_signing/upload`.
+
+Starts two homeservers with the same configuration, one of them with the module, prepares
+users and keys for both outside the timed region, then times the same requests against both,
+alternating which server goes first each round so that drift (caches, the SQLite files
+growing, other load on the machine) falls on both alike. Each request is timed with
+`time.perf_counter` on a persistent HTTP connection (one `requests.Session` per server).
+
+Paths:
+  identical_reupload  a user with keys re-sends exactly the keys stored
+  first_upload        a registered user without keys uploads master + self-signing +
+                      user-signing keys (a fresh user every round)
+  uia_challenge       a user with keys sends other keys without `auth`: 401 and a UIA session
+
+Run with the python of the environment that has the Synapse to measure, from the repository
+root:
+
+    python benchmarks/upload_latency.py [--rounds N] [--synapse-label TEXT] [--json FILE]
+
+It prints figures and asserts nothing about them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import attrs
+import requests
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository root importable for the test harness.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.harness.client import UPLOAD_PATH, CrossSigningKeys, register_user
+from tests.harness.server import SynapseServer
+
+PATHS = ("identical_reupload", "first_upload", "uia_challenge")
+SERVERS = ("native", "module")
+
+# Both servers get this, so that Synapse 1.98 answers a first upload without UIA as later
+# versions do (MSC3967; later versions ignore the key).
+SHARED_EXTRA_CONFIG: dict[str, Any] = {"experimental_features": {"msc3967_enabled": True}}
+
+# The logging set-up that Synapse generates for a new install (`DEFAULT_LOG_CONFIG` in
+# synapse/config/logger.py): INFO and below go through a memory buffer to the file.
+STOCK_LOG_CONFIG = """\
+version: 1
+formatters:
+  precise:
+    format: '%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s'
+handlers:
+  file:
+    class: logging.handlers.TimedRotatingFileHandler
+    formatter: precise
+    filename: {log_file}
+    when: midnight
+    backupCount: 3
+    encoding: utf8
+  buffer:
+    class: synapse.logging.handlers.PeriodicallyFlushingMemoryHandler
+    target: file
+    capacity: 10
+    flushLevel: 30
+    period: 5
+loggers:
+  synapse.storage.SQL:
+    level: INFO
+root:
+  level: INFO
+  handlers: [buffer]
+disable_existing_loggers: false
+"""
+
+
+def make_server(name: str, with_module: bool, unbuffered_log: bool) -> SynapseServer:
+    server = SynapseServer({}, with_module=with_module, name=name)
+    extra = dict(SHARED_EXTRA_CONFIG)
+    if not unbuffered_log:
+        log_config = server.directory / "stock-log.yaml"
+        log_config.write_text(STOCK_LOG_CONFIG.format(log_file=server.log_path))
+        extra["log_config"] = str(log_config)
+    server.extra_config = extra
+    return server
+
+
+@attrs.frozen
+class Prepared:
+    """One request, serialised in advance: the timed region only sends it."""
+
+    token: str
+    body: bytes
+
+
+@attrs.define
+class Target:
+    """One homeserver and everything prepared for it."""
+
+    name: str
+    server: SynapseServer
+    session: requests.Session = attrs.field(factory=requests.Session)
+    identical: Prepared | None = None
+    challenge: Prepared | None = None
+    fresh: list[Prepared] = attrs.field(factory=list)
+    samples: dict[str, list[float]] = attrs.field(factory=lambda: {p: [] for p in PATHS})
+    statuses: dict[str, Counter[int]] = attrs.field(factory=lambda: {p: Counter() for p in PATHS})
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.base_url}{UPLOAD_PATH}"
+
+    def send(self, prepared: Prepared) -> tuple[float, int]:
+        headers = {
+            "Authorization": f"Bearer {prepared.token}",
+            "Content-Type": "application/json",
+        }
+        start = time.perf_counter()
+        response = self.session.post(self.url, data=prepared.body, headers=headers, timeout=60)
+        _ = response.content
+        elapsed = time.perf_counter() - start
+        return elapsed, response.status_code
+
+    def next_fresh(self) -> Prepared:
+        return self.fresh.pop()
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
+def _user_with_keys(server: SynapseServer) -> tuple[str, str, dict[str, Any]]:
+    """A user whose cross-signing keys are stored: its ID, token and the body it uploaded."""
+    user = register_user(server.base_url, server.shared_secret)
+    body = user.keys().body()
+    user.upload_with_uia(body).raise_for_status()
+    return user.user_id, user.access_token, body
+
+
+def prepare(target: Target, fresh_users: int) -> None:
+    """Register users and build bodies for every path. Not timed."""
+    server = target.server
+    _, token, body = _user_with_keys(server)
+    target.identical = Prepared(token, _encode(body))
+
+    # The challenge user has keys stored and sends another valid set for itself.
+    user_id, token, _ = _user_with_keys(server)
+    target.challenge = Prepared(token, _encode(CrossSigningKeys(user_id).body()))
+
+    for _ in range(fresh_users):
+        user = register_user(server.base_url, server.shared_secret)
+        target.fresh.append(Prepared(user.access_token, _encode(user.keys().body())))
+    # Warm the connection so that no timed request opens one.
+    target.session.get(f"{server.base_url}/health", timeout=30).raise_for_status()
+
+
+def _run_parallel(jobs: Sequence[Callable[[], object]]) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(job: Callable[[], object]) -> None:
+        try:
+            job()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def one_round(targets: dict[str, Target], order: Sequence[str], record: bool, pause: float) -> None:
+    """Each path once on each server, in `order`."""
+    for path in PATHS:
+        for name in order:
+            target = targets[name]
+            if path == "identical_reupload":
+                assert target.identical is not None
+                prepared = target.identical
+            elif path == "uia_challenge":
+                assert target.challenge is not None
+                prepared = target.challenge
+            else:
+                prepared = target.next_fresh()
+            elapsed, status = target.send(prepared)
+            if record:
+                target.samples[path].append(elapsed)
+                target.statuses[path][status] += 1
+            if pause:
+                time.sleep(pause)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (the `inclusive` method)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ratio_interval(
+    module: Sequence[float], native: Sequence[float], resamples: int = 1000
+) -> tuple[float, float]:
+    """A 95% bootstrap interval for the ratio of medians."""
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        m = statistics.median(rng.choices(module, k=len(module)))
+        n = statistics.median(rng.choices(native, k=len(native)))
+        ratios.append(m / n)
+    return quantile(ratios, 0.025), quantile(ratios, 0.975)
+
+
+def paired_ratio(
+    module: Sequence[float], native: Sequence[float], resamples: int = 1000
+) -> tuple[float, float, float]:
+    """The median over rounds of module/native for the requests of one round, which ran
+    back to back, with a 95% bootstrap interval. Load that comes and goes during a run
+    falls on both requests of a pair, so this moves less between runs on a busy machine."""
+    ratios = [m / n for m, n in zip(module, native, strict=True)]
+    rng = random.Random(0)
+    medians = [statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples)]
+    return statistics.median(ratios), quantile(medians, 0.025), quantile(medians, 0.975)
+
+
+def summarise(targets: dict[str, Target]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for path in PATHS:
+        entry: dict[str, Any] = {}
+        for name in SERVERS:
+            samples = targets[name].samples[path]
+            entry[name] = {
+                "median_ms": statistics.median(samples) * 1000,
+                "p90_ms": quantile(samples, 0.9) * 1000,
+                "statuses": {str(k): v for k, v in sorted(targets[name].statuses[path].items())},
+            }
+        entry["ratio_median"] = entry["module"]["median_ms"] / entry["native"]["median_ms"]
+        entry["ratio_p90"] = entry["module"]["p90_ms"] / entry["native"]["p90_ms"]
+        low, high = ratio_interval(targets["module"].samples[path], targets["native"].samples[path])
+        entry["ratio_median_95ci"] = [low, high]
+        paired, low, high = paired_ratio(
+            targets["module"].samples[path], targets["native"].samples[path]
+        )
+        entry["paired_ratio"] = paired
+        entry["paired_ratio_95ci"] = [low, high]
+        figures[path] = entry
+    return figures
+
+
+def _statuses(counts: dict[str, int]) -> str:
+    return "/".join(counts)
+
+
+def print_table(figures: dict[str, Any]) -> None:
+    header = (
+        f"{'path':<20} {'native med':>10} {'native p90':>10} {'module med':>10} "
+        f"{'module p90':>10} {'ratio med':>9} {'95% CI':>13} {'ratio p90':>9} "
+        f"{'paired':>7} {'95% CI':>13}  status n/m"
+    )
+    print(header)
+    print("-" * len(header))
+    for path in PATHS:
+        f = figures[path]
+        low, high = f["ratio_median_95ci"]
+        paired_low, paired_high = f["paired_ratio_95ci"]
+        print(
+            f"{path:<20} {f['native']['median_ms']:>10.2f} {f['native']['p90_ms']:>10.2f} "
+            f"{f['module']['median_ms']:>10.2f} {f['module']['p90_ms']:>10.2f} "
+            f"{f['ratio_median']:>9.3f} {f'{low:.3f}-{high:.3f}':>13} {f['ratio_p90']:>9.3f} "
+            f"{f['paired_ratio']:>7.3f} {f'{paired_low:.3f}-{paired_high:.3f}':>13}  "
+            f"{_statuses(f['native']['statuses'])}/{_statuses(f['module']['statuses'])}"
+        )
+    print(
+        "(latencies in ms; ratio = module / native: of the medians, of the p90s, and the "
+        "median of the ratios of the two requests of each round)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=400, help="timed rounds (default 400)")
+    parser.add_argument("--warmup", type=int, default=40, help="untimed rounds first (default 40)")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=2.0,
+        help="milliseconds to wait after each request, so that one server's background work "
+        "does not land in the other's timed request (default 2)",
+    )
+    parser.add_argument(
+        "--synapse-label", default=None, help="label for the Synapse build (default: its version)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--unbuffered-log",
+        action="store_true",
+        help="log through the test harness's unbuffered file handler instead of the buffered "
+        "set-up Synapse generates for a new install",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="add this to the scheduling niceness of this process and the servers it starts "
+        "(negative needs root): on a shared machine, -10 keeps other load out of the figures",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the servers' directories (logs, databases)"
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be at least 1 and --warmup at least 0")
+
+    if args.nice:
+        os.nice(args.nice)
+    synapse_version = package_version("matrix-synapse")
+    label = args.synapse_label or f"Synapse {synapse_version}"
+    module = importlib.import_module("synapse_xsign_uia")
+    print(f"{label} (matrix-synapse {synapse_version}), Python {platform.python_version()}")
+    print(
+        f"module: synapse_xsign_uia {module.__version__} from {Path(module.__file__ or '').parent}"
+    )
+    print(
+        f"{args.rounds} rounds after {args.warmup} warm-up rounds, {os.cpu_count()} CPUs, "
+        f"niceness {os.nice(0)}"
+    )
+    load_before = os.getloadavg()
+
+    servers = {
+        name: make_server(name, with_module=name == "module", unbuffered_log=args.unbuffered_log)
+        for name in SERVERS
+    }
+    started = time.monotonic()
+    try:
+        _run_parallel([server.start for server in servers.values()])
+        targets = {name: Target(name, server) for name, server in servers.items()}
+        fresh_users = args.rounds + args.warmup
+        _run_parallel([functools.partial(prepare, t, fresh_users) for t in targets.values()])
+        print(
+            f"servers started and {fresh_users} users each prepared in "
+            f"{time.monotonic() - started:.0f}s"
+        )
+
+        pause = args.pause / 1000
+        timed = time.monotonic()
+        for i in range(args.warmup + args.rounds):
+            order = SERVERS if i % 2 == 0 else SERVERS[::-1]
+            one_round(targets, order, record=i >= args.warmup, pause=pause)
+        load_after = os.getloadavg()
+        print(
+            f"timed region: {time.monotonic() - timed:.0f}s; load average (1 min) "
+            f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        )
+    finally:
+        for server in servers.values():
+            server.stop(cleanup=not args.keep)
+        if args.keep:
+            for name, server in servers.items():
+                print(f"{name} server directory: {server.directory}")
+
+    figures = summarise(targets)
+    print()
+    print_table(figures)
+    if args.json is not None:
+        report = {
+            "synapse_version": synapse_version,
+            "label": label,
+            "date": datetime.date.today().isoformat(),
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "pause_ms": args.pause,
+            "cpus": os.cpu_count(),
+            "niceness": os.nice(0),
+            "load_average_1min": [load_before[0], load_after[0]],
+            "module_version": module.__version__,
+            "python": platform.python_version(),
+            "paths": figures,
+            "samples_ms": {
+                name: {path: [x * 1000 for x in target.samples[path]] for path in PATHS}
+                for name, target in targets.items()
+            },
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
