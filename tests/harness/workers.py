@@ -50,6 +50,19 @@ def missing_requirements() -> list[str]:
     return missing
 
 
+def skip_without_worker_requirements() -> None:
+    """Skip the calling test when PostgreSQL or Redis is missing, or fail it where the
+    environment says the worker tests must run (CI)."""
+    import pytest
+
+    missing = missing_requirements()
+    if missing:
+        message = f"missing {', '.join(missing)}; {INSTALL_HINT}"
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but the worker tests cannot run: {message}")
+        pytest.skip(message)
+
+
 def _wait_for(
     check: Any,
     what: str,

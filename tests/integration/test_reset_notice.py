@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import re
 import sqlite3
 import time
@@ -38,7 +37,7 @@ from synapse_xsign_uia.policy import Rule
 from tests.conftest import ServerFactory
 from tests.harness.client import CrossSigningKeys, User, register_user
 from tests.harness.server import SynapseServer
-from tests.harness.workers import INSTALL_HINT, REQUIRE_ENV, WorkerDeployment, missing_requirements
+from tests.harness.workers import WorkerDeployment, skip_without_worker_requirements
 from tests.integration.test_appservice_and_startup import AppService
 
 synapse_test = pytest.mark.synapse
@@ -507,12 +506,7 @@ WORKERS_SERVE_UPLOAD = parse_version(synapse.__version__) >= (1, 135, 0)
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[WorkerDeployment]:
-    missing = missing_requirements()
-    if missing:
-        message = f"missing {', '.join(missing)}; {INSTALL_HINT}"
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{REQUIRE_ENV} is set but the worker tests cannot run: {message}")
-        pytest.skip(message)
+    skip_without_worker_requirements()
     deployment = WorkerDeployment(ENABLED, SERVER_NOTICES).start()
     yield deployment
     deployment.stop()

@@ -8,7 +8,6 @@ has uploaded cross-signing keys that the local server does not know about.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -31,12 +30,7 @@ from tests.harness.federation import (
     wait_for_device_list_change,
 )
 from tests.harness.server import free_port
-from tests.harness.workers import (
-    INSTALL_HINT,
-    REQUIRE_ENV,
-    WorkerDeployment,
-    missing_requirements,
-)
+from tests.harness.workers import WorkerDeployment, skip_without_worker_requirements
 
 pytestmark = pytest.mark.synapse
 
@@ -382,12 +376,7 @@ def test_remote_down_then_back_is_fetched_without_a_new_request(pair: Pair) -> N
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[WorkerDeployment]:
-    missing = missing_requirements()
-    if missing:
-        message = f"missing {', '.join(missing)}; {INSTALL_HINT}"
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{REQUIRE_ENV} is set but the worker tests cannot run: {message}")
-        pytest.skip(message)
+    skip_without_worker_requirements()
     # Outbound federation only: the remote servers here are static TLS servers.
     extra = {
         "federation_verify_certificates": False,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import synapse
 
 from synapse_xsign_uia._synapse import parse_version
 from tests.harness.client import CrossSigningKeys, User, register_user
-from tests.harness.workers import INSTALL_HINT, REQUIRE_ENV, WorkerDeployment, missing_requirements
+from tests.harness.workers import WorkerDeployment, skip_without_worker_requirements
 
 pytestmark = pytest.mark.synapse
 
@@ -30,12 +29,7 @@ ROUNDS = 20
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[WorkerDeployment]:
-    missing = missing_requirements()
-    if missing:
-        message = f"missing {', '.join(missing)}; {INSTALL_HINT}"
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{REQUIRE_ENV} is set but the worker tests cannot run: {message}")
-        pytest.skip(message)
+    skip_without_worker_requirements()
     deployment = WorkerDeployment().start()
     yield deployment
     deployment.stop()
