@@ -43,11 +43,9 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def base_config(directory: Path, port: int, server_name: str) -> dict[str, Any]:
-    """A small homeserver: SQLite, one client listener on loopback, no rate limits that a
-    test could trip, cheap password hashing."""
-    log_config = directory / "log.yaml"
-    log_config.write_text(
+def write_log_config(path: Path, log_file: Path) -> Path:
+    """A Python logging configuration that sends Synapse's INFO lines to `log_file`."""
+    path.write_text(
         yaml.safe_dump(
             {
                 "version": 1,
@@ -62,7 +60,7 @@ def base_config(directory: Path, port: int, server_name: str) -> dict[str, Any]:
                     "file": {
                         "class": "logging.FileHandler",
                         "formatter": "precise",
-                        "filename": str(directory / "homeserver.log"),
+                        "filename": str(log_file),
                         "filters": ["context"],
                         "encoding": "utf8",
                     }
@@ -73,6 +71,13 @@ def base_config(directory: Path, port: int, server_name: str) -> dict[str, Any]:
             }
         )
     )
+    return path
+
+
+def base_config(directory: Path, port: int, server_name: str) -> dict[str, Any]:
+    """A small homeserver: SQLite, one client listener on loopback, no rate limits that a
+    test could trip, cheap password hashing."""
+    log_config = write_log_config(directory / "log.yaml", directory / "homeserver.log")
     rate_limits = {
         name: _LENIENT_RATE
         for name in (

@@ -21,7 +21,7 @@ import requests
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
-from tests.harness.server import MODULE, base_config, deep_merge, free_port
+from tests.harness.server import MODULE, base_config, deep_merge, free_port, write_log_config
 
 # Set by CI: a missing PostgreSQL or Redis is then a failure, not a skip.
 REQUIRE_ENV = "XSIGN_REQUIRE_WORKER_TESTS"
@@ -254,34 +254,7 @@ class SynapseProcess:
 
 
 def _log_config(directory: Path, name: str) -> Path:
-    path = directory / f"{name}.log.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "version": 1,
-                "formatters": {
-                    "precise": {
-                        "format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - "
-                        "%(request)s - %(message)s"
-                    }
-                },
-                "filters": {"context": {"()": "synapse.logging.context.LoggingContextFilter"}},
-                "handlers": {
-                    "file": {
-                        "class": "logging.FileHandler",
-                        "formatter": "precise",
-                        "filename": str(directory / f"{name}.log"),
-                        "filters": ["context"],
-                        "encoding": "utf8",
-                    }
-                },
-                "loggers": {"synapse.storage.SQL": {"level": "WARNING"}},
-                "root": {"level": "INFO", "handlers": ["file"]},
-                "disable_existing_loggers": False,
-            }
-        )
-    )
-    return path
+    return write_log_config(directory / f"{name}.log.yaml", directory / f"{name}.log")
 
 
 class WorkerDeployment:
