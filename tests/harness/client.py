@@ -68,6 +68,20 @@ class CrossSigningKeys:
         return body
 
 
+def cross_signing_keys_in(query_result: dict[str, Any], user_id: str) -> dict[str, Any]:
+    """A user's cross-signing keys in a `/keys/query` answer, by key type."""
+    found: dict[str, Any] = {}
+    for field, key_type in (
+        ("master_keys", "master"),
+        ("self_signing_keys", "self_signing"),
+        ("user_signing_keys", "user_signing"),
+    ):
+        key = query_result.get(field, {}).get(user_id)
+        if key is not None:
+            found[key_type] = key
+    return found
+
+
 @attrs.define
 class User:
     base_url: str
@@ -118,17 +132,7 @@ class User:
         """The user's cross-signing keys as `/keys/query` returns them, by key type."""
         response = self.request("POST", QUERY_PATH, {"device_keys": {self.user_id: []}})
         response.raise_for_status()
-        result = response.json()
-        found: dict[str, Any] = {}
-        for field, key_type in (
-            ("master_keys", "master"),
-            ("self_signing_keys", "self_signing"),
-            ("user_signing_keys", "user_signing"),
-        ):
-            key = result.get(field, {}).get(self.user_id)
-            if key is not None:
-                found[key_type] = key
-        return found
+        return cross_signing_keys_in(response.json(), self.user_id)
 
     def stored_public_keys(self) -> dict[str, str]:
         return {

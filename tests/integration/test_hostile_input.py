@@ -47,7 +47,13 @@ from unpaddedbase64 import encode_base64
 from synapse_xsign_uia.body import MAX_BODY_BYTES, MAX_DEPTH
 from tests.conftest import ServerFactory
 from tests.harness import openapi
-from tests.harness.client import QUERY_PATH, UPLOAD_PATH, User, register_user
+from tests.harness.client import (
+    QUERY_PATH,
+    UPLOAD_PATH,
+    User,
+    cross_signing_keys_in,
+    register_user,
+)
 from tests.harness.federation import StaticFederationServer
 from tests.harness.raw_http import ConnectionClosed, RawClient, RawResponse
 from tests.harness.server import SynapseServer, free_port
@@ -178,17 +184,7 @@ def send(
 def stored_keys(dep: Deployment, user: User) -> dict[str, Any]:
     response = send(dep, "POST", QUERY_PATH, user.access_token, {"device_keys": {user.user_id: []}})
     assert response.status == 200, response.body
-    result = response.json()
-    found: dict[str, Any] = {}
-    for field, key_type in (
-        ("master_keys", "master"),
-        ("self_signing_keys", "self_signing"),
-        ("user_signing_keys", "user_signing"),
-    ):
-        key = result.get(field, {}).get(user.user_id)
-        if key is not None:
-            found[key_type] = key
-    return found
+    return cross_signing_keys_in(response.json(), user.user_id)
 
 
 def admin_path(user_id: str) -> str:
