@@ -7,6 +7,7 @@ self-check below says so loudly instead of the module silently doing nothing.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -122,6 +123,8 @@ def check_synapse_version(version: str | None = None) -> None:
         raise _unsupported(f"this is Synapse {version}")
 
 
+# Looked up on every request by some callers; a name that resolved once stays resolved.
+@functools.cache
 def resolve(name: str) -> Any:
     module_name, _, attr = name.partition(":")
     try:

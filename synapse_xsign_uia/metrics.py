@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
@@ -92,6 +93,7 @@ RESYNC_OUTCOMES = (
 )
 
 _RULES = frozenset(UPLOAD_OUTCOMES)
+_MAX_REMEMBERED_SERIES = 256
 # Outcome names are the module's own; only what follows a ':' can come from elsewhere.
 _OUTCOME_KIND = re.compile(r"[a-z][a-z_]{0,31}")
 _ERRCODES = frozenset(code.value for code in Codes) | frozenset(
@@ -200,6 +202,7 @@ class Metrics:
     def __init__(self, server_name: str) -> None:
         self._server_name = server_name
         self._counters = _process_counters()
+        self._upload_series: dict[tuple[str, str], Any] = {}
         for rule, outcomes in UPLOAD_OUTCOMES.items():
             for outcome in outcomes:
                 self._counters.upload_decisions.labels(server_name, rule, outcome)
@@ -212,10 +215,17 @@ class Metrics:
             self._counters.identity_resets.labels(server_name, reset_rule)
 
     def upload_decision(self, rule: str, outcome: str) -> None:
-        rule_label = rule if rule in _RULES else OTHER
-        self._counters.upload_decisions.labels(
-            self._server_name, rule_label, upload_outcome_label(outcome)
-        ).inc()
+        series = self._upload_series.get((rule, outcome))
+        if series is None:
+            rule_label = rule if rule in _RULES else OTHER
+            series = self._counters.upload_decisions.labels(
+                self._server_name, rule_label, upload_outcome_label(outcome)
+            )
+            # Every upload counts here: finding the series is most of the cost of counting,
+            # and the pairs seen are few (the labels are bounded; the bound holds the rest).
+            if len(self._upload_series) < _MAX_REMEMBERED_SERIES:
+                self._upload_series[(rule, outcome)] = series
+        series.inc()
 
     def admin_window(self, action: str) -> None:
         label = action if action in ADMIN_ACTIONS else OTHER
