@@ -7,12 +7,13 @@ self-check below says so loudly instead of the module silently doing nothing.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -43,6 +44,8 @@ REQUIRED_NAMES = (
     "synapse.rest.admin:UserReplaceMasterCrossSigningKeyRestServlet",
     "synapse.rest.admin._base:assert_user_is_admin",
     "synapse.util.async_helpers:Linearizer",
+    "synapse.module_api:make_deferred_yieldable",
+    "synapse.logging.context:PreserveLoggingContext",
     "synapse.api.errors:InteractiveAuthIncompleteError",
     "synapse.api.errors:InvalidClientTokenError",
     # Device-list resync.
@@ -153,6 +156,8 @@ def check_internals(hs: HomeServer) -> None:
     for method in REQUIRED_STORE_METHODS:
         if not callable(getattr(store, method, None)):
             raise _unsupported(f"the main datastore has no {method}")
+    if not callable(getattr(getattr(store, "db_pool", None), "runInteraction", None)):
+        raise _unsupported("the main datastore has no db_pool.runInteraction")
 
 
 def install_servlet(name: str, replacement: type) -> type:
@@ -240,6 +245,64 @@ def listener_resources(hs: HomeServer) -> set[str]:
     return names
 
 
+class _UserLocks:
+    """Mutual exclusion per user within this process, in arrival order.
+
+    Synapse's `Linearizer` does the same with more machinery (queue entries, debug logs)
+    than an uncontended upload needs, and every upload that may write takes this lock.
+    """
+
+    def __init__(self) -> None:
+        # Held keys -> who waits for them, first in line first.
+        self._waiting: dict[str, collections.deque[defer.Deferred[None]]] = {}
+
+    def hold(self, key: str) -> AbstractAsyncContextManager[None]:
+        return _Held(self, key)
+
+    async def acquire(self, key: str) -> None:
+        queue = self._waiting.get(key)
+        if queue is None:
+            self._waiting[key] = collections.deque()
+            return
+        turn: defer.Deferred[None] = defer.Deferred()
+        queue.append(turn)
+        try:
+            await resolve("synapse.module_api:make_deferred_yieldable")(turn)
+        except BaseException:
+            if turn in queue:
+                queue.remove(turn)
+            else:
+                # The lock was handed over just as the wait was given up.
+                self.release(key)
+            raise
+
+    def release(self, key: str) -> None:
+        queue = self._waiting[key]
+        if not queue:
+            del self._waiting[key]
+            return
+        # The next holder resumes inside `callback`, in its own logging context; this
+        # caller's context must be the current one again afterwards.
+        with resolve("synapse.logging.context:PreserveLoggingContext")():
+            queue.popleft().callback(None)
+
+
+class _Held:
+    """`async with` for one key of `_UserLocks` (a class: cheaper than a generator)."""
+
+    __slots__ = ("_key", "_locks")
+
+    def __init__(self, locks: _UserLocks, key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        await self._locks.acquire(self._key)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._locks.release(self._key)
+
+
 @attrs.frozen
 class StoredState:
     """The user's cross-signing keys as stored, read fresh from the database."""
@@ -266,23 +329,25 @@ class Internals:
         self._keys_cache: Any = getattr(cached_function, "cache", None)
         if not callable(getattr(self._keys_cache, "get_immediate", None)):
             self._keys_cache = None
-        linearizer = resolve("synapse.util.async_helpers:Linearizer")
-        self._linearizer = linearizer(name=_LOCK_NAME, clock=self.clock)
+        self._user_locks = _UserLocks()
         self.windows = ReplacementWindows(api, self.clock)
 
     def now_ms(self) -> int:
         return int(self.clock.time_msec())
 
-    @asynccontextmanager
-    async def upload_lock(self, user_id: str) -> AsyncIterator[None]:
+    def upload_lock(self, user_id: str) -> AbstractAsyncContextManager[None]:
         """Serialise uploads for one user: in this process always, and across processes
         with Synapse's database-backed worker lock when there are workers."""
-        async with self._linearizer.queue(user_id):
-            if not self.with_workers:
-                yield
-                return
-            async with self.hs.get_worker_locks_handler().acquire_lock(_LOCK_NAME, user_id):
-                yield
+        if not self.with_workers:
+            return self._user_locks.hold(user_id)
+        return self._process_and_worker_lock(user_id)
+
+    @asynccontextmanager
+    async def _process_and_worker_lock(self, user_id: str) -> AsyncIterator[None]:
+        worker_locks = self.hs.get_worker_locks_handler()
+        # The process lock first: waiters of this process queue here, not in the database.
+        async with self._user_locks.hold(user_id), worker_locks.acquire_lock(_LOCK_NAME, user_id):
+            yield
 
     async def cached_keys(self, user_id: str, key_types: Collection[str]) -> dict[str, Any] | None:
         """The user's stored keys as Synapse's cache holds them, for read-only answers.
@@ -312,36 +377,47 @@ class Internals:
             )
 
     async def read_stored_state(self, user_id: str, device_ids: Collection[str]) -> StoredState:
-        """One database transaction: the latest key of each type, the master key's window,
-        and which of `device_ids` the user already has (cross-signing keys take device IDs).
+        """The latest key of each type, the master key's window, and which of `device_ids`
+        the user already has (cross-signing keys take device IDs), read past Synapse's
+        caches, which another worker may not have invalidated yet.
 
-        Read past Synapse's caches, which another worker may not have invalidated yet.
+        One statement, so one consistent snapshot without a transaction around it: every
+        upload that may write reads this, and a transaction costs two more round trips to
+        PostgreSQL.
         """
         wanted = sorted(set(device_ids))
+        marks = ", ".join("?" for _ in wanted)
+        sql = (
+            "SELECT stream_id, keytype, keydata, updatable_without_uia_before_ms"
+            " FROM e2e_cross_signing_keys WHERE user_id = ?"
+        )
+        if wanted:
+            sql += (
+                " UNION ALL SELECT NULL, NULL, device_id, NULL FROM devices"
+                f" WHERE user_id = ? AND device_id IN ({marks})"
+            )
+        # Device rows have no stream ID; where they sort does not matter.
+        sql += " ORDER BY 1"
+        args = (user_id, user_id, *wanted) if wanted else (user_id,)
 
         def txn(cursor: Any) -> StoredState:
-            cursor.execute(
-                "SELECT keytype, keydata, updatable_without_uia_before_ms"
-                " FROM e2e_cross_signing_keys WHERE user_id = ? ORDER BY stream_id",
-                (user_id,),
-            )
+            cursor.execute(sql, args)
             keys: dict[str, Any] = {}
+            taken: set[str] = set()
             window: int | None = None
-            for key_type, keydata, updatable_before in cursor.fetchall():
+            for _, key_type, keydata, updatable_before in cursor.fetchall():
+                if key_type is None:
+                    taken.add(keydata)
+                    continue
+                # Later rows replace earlier ones: the latest key of each type wins.
                 keys[key_type] = json.loads(keydata)
                 if key_type == "master":
                     window = updatable_before
-            taken: set[str] = set()
-            if wanted:
-                marks = ", ".join("?" for _ in wanted)
-                cursor.execute(
-                    f"SELECT device_id FROM devices WHERE user_id = ? AND device_id IN ({marks})",
-                    (user_id, *wanted),
-                )
-                taken = {row[0] for row in cursor.fetchall()}
             return StoredState(keys, window, frozenset(taken))
 
-        return await self._api.run_db_interaction("synapse_xsign_uia_stored_state", txn)  # type: ignore[no-any-return]
+        return await self.store.db_pool.runInteraction(  # type: ignore[no-any-return]
+            "synapse_xsign_uia_stored_state", txn, db_autocommit=True
+        )
 
     async def validate_uia(self, requester: Any, request: SynapseRequest, body: Any) -> None:
         """Synapse's own UIA, every stage the server offers, never the grace-period skip."""

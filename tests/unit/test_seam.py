@@ -46,6 +46,8 @@ def fake_homeserver(**missing: bool) -> Any:
     store = SimpleNamespace(
         **{m: lambda: None for m in _synapse.REQUIRED_STORE_METHODS if m not in missing}
     )
+    if "runInteraction" not in missing:
+        store.db_pool = SimpleNamespace(runInteraction=lambda: None)
     handler = SimpleNamespace(
         **{
             m: lambda: None
@@ -76,6 +78,13 @@ def test_missing_store_method() -> None:
     with pytest.raises(ConfigError) as info:
         _synapse.check_internals(fake_homeserver(get_e2e_cross_signing_keys_bulk=True))
     assert "get_e2e_cross_signing_keys_bulk" in str(info.value)
+    assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
+
+
+def test_missing_database_pool_method() -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.check_internals(fake_homeserver(runInteraction=True))
+    assert "db_pool.runInteraction" in str(info.value)
     assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
 
 
