@@ -396,23 +396,19 @@ class Internals:
                 " UNION ALL SELECT NULL, NULL, device_id, NULL FROM devices"
                 f" WHERE user_id = ? AND device_id IN ({marks})"
             )
-        # Device rows have no stream ID; where they sort does not matter.
-        sql += " ORDER BY 1"
         args = (user_id, user_id, *wanted) if wanted else (user_id,)
 
         def txn(cursor: Any) -> StoredState:
             cursor.execute(sql, args)
-            keys: dict[str, Any] = {}
+            latest: dict[str, tuple[int, str, int | None]] = {}
             taken: set[str] = set()
-            window: int | None = None
-            for _, key_type, keydata, updatable_before in cursor.fetchall():
+            for stream_id, key_type, keydata, updatable_before in cursor.fetchall():
                 if key_type is None:
                     taken.add(keydata)
-                    continue
-                # Later rows replace earlier ones: the latest key of each type wins.
-                keys[key_type] = json.loads(keydata)
-                if key_type == "master":
-                    window = updatable_before
+                elif key_type not in latest or stream_id > latest[key_type][0]:
+                    latest[key_type] = (stream_id, keydata, updatable_before)
+            keys = {key_type: json.loads(row[1]) for key_type, row in latest.items()}
+            window = latest["master"][2] if "master" in latest else None
             return StoredState(keys, window, frozenset(taken))
 
         return await self.store.db_pool.runInteraction(  # type: ignore[no-any-return]
