@@ -190,10 +190,16 @@ def parse_json_object(request: SynapseRequest, *, allow_empty_body: bool = False
         raise SynapseError(e.status, e.message, e.errcode) from e
 
 
-def rewind_body(request: SynapseRequest) -> None:
-    """Let a native handler read the request body again."""
+def rewind_request(request: SynapseRequest) -> None:
+    """Let a native handler read the request body and authenticate the request again.
+
+    Synapse records the requester on the request once and asserts that it happens only
+    once; the native handler's own authentication records the same requester again.
+    """
     content: Any = request.content
     content.seek(0)
+    if getattr(request, "_requester", None) is not None:
+        request._requester = None  # type: ignore[attr-defined]
 
 
 def is_appservice(requester: Any) -> bool:

@@ -201,7 +201,7 @@ def build_upload_servlet(upload_policy: UploadPolicy) -> type:
             return await upload_policy.handle(request, self._native_on_post)
 
         async def _native_on_post(self, request: SynapseRequest) -> tuple[int, Any]:
-            _synapse.rewind_body(request)
+            _synapse.rewind_request(request)
             return await native.on_POST(self, request)  # type: ignore[no-any-return]
 
     SigningKeyUploadServlet.__module__ = __name__
