@@ -10,7 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synapse_xsign_uia._synapse import ResyncFailure, _classify_by_backoff, classify_fetch_error
+from synapse_xsign_uia._synapse.device_lists import (
+    ResyncFailure,
+    _classify_by_backoff,
+    classify_fetch_error,
+)
 from synapse_xsign_uia.resync import (
     FAILED,
     REASON_FIELD,

@@ -15,7 +15,7 @@ from synapse.module_api import make_deferred_yieldable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from synapse_xsign_uia._synapse import _UserLocks
+from synapse_xsign_uia._synapse.uploads import _UserLocks
 
 
 def new_context(name: str) -> Any:
