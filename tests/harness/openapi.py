@@ -124,12 +124,20 @@ def _errcodes(spec: dict[str, Any], schema: Any) -> set[str | None]:
     return found if required else found | {None}
 
 
-def documented_answers(spec: dict[str, Any] | None = None) -> set[Answer]:
-    """Every (path, method, status, errcode) the documentation says the server may give."""
+def documented_answers(
+    spec: dict[str, Any] | None = None, *, deployment: str | None = None
+) -> set[Answer]:
+    """Every (path, method, status, errcode) the documentation says the server may give.
+
+    An answer marked `x-deployment` is given only by that kind of deployment (delegated
+    auth, say): it is left out unless `deployment` names it.
+    """
     spec = spec if spec is not None else load_spec()
     answers: set[Answer] = set()
     for template, method, _ in operations(spec):
-        for status in spec["paths"][template][method]["responses"]:
+        for status, response in spec["paths"][template][method]["responses"].items():
+            if response.get("x-deployment", deployment) != deployment:
+                continue
             pointer = _schema_pointer(spec, template, method, int(status))
             schema = resolve_pointer(spec, pointer) if pointer is not None else None
             for errcode in _errcodes(spec, schema):

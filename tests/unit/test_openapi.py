@@ -178,7 +178,7 @@ def test_resync_path_and_method_match_the_resource() -> None:
 def raised_errcodes() -> set[str]:
     """Every errcode written in the module's code: "M_..." strings and `Codes.X`."""
     found: set[str] = set()
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 if re.fullmatch(r"M_[A-Z_]+", node.value):
