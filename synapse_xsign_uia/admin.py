@@ -19,6 +19,7 @@ from synapse.module_api.errors import Codes, SynapseError
 
 from synapse_xsign_uia import _synapse, metrics
 from synapse_xsign_uia.config import Config
+from synapse_xsign_uia.policy import window_open
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -122,12 +123,10 @@ class ReplacementWindowAdmin:
         window = await self._windows.read(target)
         if window is None:
             raise self._no_master_key()
-        expires_ms = window.expires_ms
         return HTTPStatus.OK, {
-            "updatable_without_uia_before_ms": expires_ms,
-            # The same comparison, on the same clock, as the upload decision.
-            "replaceable_without_uia": expires_ms is not None
-            and self._internals.now_ms() < expires_ms,
+            "updatable_without_uia_before_ms": window.expires_ms,
+            # The upload decision's comparison, on the same clock.
+            "replaceable_without_uia": window_open(window.expires_ms, self._internals.now_ms()),
         }
 
     async def revoke(self, request: SynapseRequest, user_id: str) -> Response:
@@ -138,7 +137,7 @@ class ReplacementWindowAdmin:
             before = await self._windows.revoke(target)
         if before is None:
             raise self._no_master_key()
-        was_open = before.expires_ms is not None and self._internals.now_ms() < before.expires_ms
+        was_open = window_open(before.expires_ms, self._internals.now_ms())
         logger.info(
             "Cross-signing replacement window revoked: admin=%s user=%s master_key=%s "
             "was_open=%s expires_ms=%s",

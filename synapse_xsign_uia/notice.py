@@ -21,6 +21,7 @@ from synapse.module_api.errors import ConfigError
 from synapse_xsign_uia import _synapse
 from synapse_xsign_uia.config import NoticeConfig
 from synapse_xsign_uia.policy import Rule
+from synapse_xsign_uia.tables import ModuleTable
 
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
@@ -97,33 +98,15 @@ class NoticeQueue:
 
     def __init__(self, api: ModuleApi) -> None:
         self._api = api
-        self._table_ready = False
-
-    async def _ensure_table(self) -> None:
-        if self._table_ready:
-            return
-
-        def txn(cursor: Any) -> None:
-            cursor.execute(
-                f"CREATE TABLE IF NOT EXISTS {_TABLE} ("
-                " notice_id TEXT NOT NULL PRIMARY KEY,"
-                " user_id TEXT NOT NULL,"
-                " rule TEXT NOT NULL,"
-                " content TEXT NOT NULL,"
-                " queued_at_ms BIGINT NOT NULL,"
-                " attempts INTEGER NOT NULL)"
-            )
-
-        try:
-            await self._api.run_db_interaction("synapse_xsign_uia_notice_table", txn)
-        except Exception:
-            # Two processes creating the table at once can collide on PostgreSQL; the
-            # loser finds it there on a second try.
-            await self._api.run_db_interaction("synapse_xsign_uia_notice_table", txn)
-        self._table_ready = True
+        self._table = ModuleTable(
+            api,
+            _TABLE,
+            "notice_id TEXT NOT NULL PRIMARY KEY, user_id TEXT NOT NULL, rule TEXT NOT NULL,"
+            " content TEXT NOT NULL, queued_at_ms BIGINT NOT NULL, attempts INTEGER NOT NULL",
+        )
 
     async def put(self, user_id: str, rule: Rule, content: Mapping[str, Any], now_ms: int) -> None:
-        await self._ensure_table()
+        await self._table.ensure()
 
         def txn(cursor: Any) -> None:
             cursor.execute(
@@ -136,7 +119,7 @@ class NoticeQueue:
         await self._api.run_db_interaction("synapse_xsign_uia_queue_notice", txn)
 
     async def oldest(self) -> list[QueuedNotice]:
-        await self._ensure_table()
+        await self._table.ensure()
 
         def txn(cursor: Any) -> list[QueuedNotice]:
             cursor.execute(

@@ -67,13 +67,18 @@ class Facts:
 
     @property
     def window_open(self) -> bool:
-        return self.window_expires_ms is not None and self.now_ms < self.window_expires_ms
+        return window_open(self.window_expires_ms, self.now_ms)
 
 
 @attrs.frozen
 class Decision:
     rule: Rule
     action: Action
+
+
+def window_open(expires_ms: int | None, now_ms: int) -> bool:
+    """Whether an admin-granted window that ends at `expires_ms` is open at `now_ms`."""
+    return expires_ms is not None and now_ms < expires_ms
 
 
 def requested_keys(body: Mapping[str, Any]) -> dict[str, JsonKey]:

@@ -56,7 +56,7 @@ class UploadPolicy:
             # Answering "already stored" writes nothing, so it needs no lock.
             cached: dict[str, Any] | None = None
             if self._toggles.identical_reupload_without_uia:
-                cached = await self._internals.cached_keys(user_id, requested.keys())
+                cached = self._internals.cached_keys(user_id, requested.keys())
                 if cached is not None and policy.is_identical(requested, cached):
                     rule = Rule.IDENTICAL_REUPLOAD
                     return self._done(user_id, rule, "nothing_written")

@@ -25,7 +25,6 @@ REQUIRED_NAMES = (
     "synapse.rest.client._base:interactive_auth_handler",
     "synapse.rest.admin:UserReplaceMasterCrossSigningKeyRestServlet",
     "synapse.rest.admin._base:assert_user_is_admin",
-    "synapse.util.async_helpers:Linearizer",
     "synapse.module_api:make_deferred_yieldable",
     "synapse.logging.context:PreserveLoggingContext",
     "synapse.api.errors:InteractiveAuthIncompleteError",
@@ -145,6 +144,22 @@ def check_internals(hs: HomeServer) -> None:
             raise _unsupported(f"the main datastore has no {method}")
     if not callable(getattr(getattr(store, "db_pool", None), "runInteraction", None)):
         raise _unsupported("the main datastore has no db_pool.runInteraction")
+    keys_cache_function(store)
+
+
+def keys_cache_function(store: Any) -> Any:
+    """Synapse's cached function behind `get_e2e_cross_signing_keys_bulk`, whose cache the
+    upload decision reads without a query and which it invalidates with workers."""
+    function = getattr(store, "_get_bare_e2e_cross_signing_keys", None)
+    cache = getattr(function, "cache", None)
+    if not callable(getattr(cache, "get_immediate", None)) or not callable(
+        getattr(function, "invalidate", None)
+    ):
+        raise _unsupported(
+            "the main datastore has no cached _get_bare_e2e_cross_signing_keys with "
+            "cache.get_immediate and invalidate"
+        )
+    return function
 
 
 def synapse_version() -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from synapse.module_api.errors import SynapseError
 from twisted.internet import defer
 
 from synapse_xsign_uia._synapse.homeserver import run_as_background_process, runs_with_workers
-from synapse_xsign_uia._synapse.support import resolve
+from synapse_xsign_uia._synapse.support import keys_cache_function, resolve
 from synapse_xsign_uia._synapse.windows import ReplacementWindows
 from synapse_xsign_uia.validation import check_uia_auth
 
@@ -105,12 +105,9 @@ class Internals:
         self.auth_handler: Any = self.hs.get_auth_handler()
         self.clock: Any = self.hs.get_clock()
         self.with_workers = runs_with_workers(self.hs)
-        # Synapse's cache behind `get_e2e_cross_signing_keys_bulk`: user ID -> the user's
-        # keys by type (None for a user without keys).
-        cached_function = getattr(self.store, "_get_bare_e2e_cross_signing_keys", None)
-        self._keys_cache: Any = getattr(cached_function, "cache", None)
-        if not callable(getattr(self._keys_cache, "get_immediate", None)):
-            self._keys_cache = None
+        # Synapse's cached function behind `get_e2e_cross_signing_keys_bulk`; its cache
+        # maps user ID -> the user's keys by type (None for a user without keys).
+        self._cached_keys_function: Any = keys_cache_function(self.store)
         self._user_locks = _UserLocks()
         self.windows = ReplacementWindows(api, self.clock)
 
@@ -131,32 +128,27 @@ class Internals:
         async with self._user_locks.hold(user_id), worker_locks.acquire_lock(_LOCK_NAME, user_id):
             yield
 
-    async def cached_keys(self, user_id: str, key_types: Collection[str]) -> dict[str, Any] | None:
+    def cached_keys(self, user_id: str, key_types: Collection[str]) -> dict[str, Any] | None:
         """The user's stored keys as Synapse's cache holds them, for read-only answers.
 
         None when the cache holds nothing for the user: the caller then decides under the
         lock from the database, rather than pay for a query here and read the database again.
         """
-        if self._keys_cache is not None:
-            hit = self._keys_cache.get_immediate(user_id, _NOT_CACHED)
-            if hit is _NOT_CACHED:
-                return None
-            stored = hit or {}
-        else:
-            by_user = await self.store.get_e2e_cross_signing_keys_bulk([user_id])
-            stored = by_user.get(user_id) or {}
+        hit = self._cached_keys_function.cache.get_immediate(user_id, _NOT_CACHED)
+        if hit is _NOT_CACHED:
+            return None
+        stored = hit or {}
         return {key_type: stored[key_type] for key_type in key_types if key_type in stored}
 
     def warm_keys_cache(self, user_id: str) -> None:
         """Fill Synapse's cache of the user's keys in the background, so that the next
         identical re-upload is answered from it without the lock."""
-        if self._keys_cache is not None:
-            run_as_background_process(
-                self._api,
-                "synapse_xsign_uia_warm_keys_cache",
-                self.store.get_e2e_cross_signing_keys_bulk,
-                [user_id],
-            )
+        run_as_background_process(
+            self._api,
+            "synapse_xsign_uia_warm_keys_cache",
+            self.store.get_e2e_cross_signing_keys_bulk,
+            [user_id],
+        )
 
     async def read_stored_state(self, user_id: str, device_ids: Collection[str]) -> StoredState:
         """The latest key of each type, the master key's window, and which of `device_ids`
@@ -225,7 +217,5 @@ class Internals:
         if self.with_workers:
             # Synapse verifies new sub-keys against the stored master key through its cache,
             # which may not yet have seen a replacement made by another process.
-            cached_function = getattr(self.store, "_get_bare_e2e_cross_signing_keys", None)
-            if cached_function is not None:
-                cached_function.invalidate((user_id,))
+            self._cached_keys_function.invalidate((user_id,))
         await self.e2e_keys_handler.upload_signing_keys_for_user(user_id, dict(body))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from synapse_xsign_uia._synapse.support import resolve
+from synapse_xsign_uia.tables import ModuleTable
 
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
@@ -58,29 +58,13 @@ class ReplacementWindows:
     def __init__(self, api: ModuleApi, clock: Any) -> None:
         self._api = api
         self._clock = clock
-        self._table_ready = False
-        linearizer = resolve("synapse.util.async_helpers:Linearizer")
-        self._table_linearizer = linearizer(name=_GRANTS_TABLE, clock=clock)
-
-    async def _ensure_table(self) -> None:
-        if self._table_ready:
-            return
-
-        def txn(cursor: Any) -> None:
-            cursor.execute(
-                f"CREATE TABLE IF NOT EXISTS {_GRANTS_TABLE} ("
-                " user_id TEXT NOT NULL PRIMARY KEY,"
-                " master_key TEXT NOT NULL,"
-                " expires_ms BIGINT NOT NULL,"
-                " granted_by TEXT NOT NULL,"
-                " granted_at_ms BIGINT NOT NULL)"
-            )
-
-        # Concurrent CREATE TABLE IF NOT EXISTS can collide on PostgreSQL.
-        async with self._table_linearizer.queue(()):
-            if not self._table_ready:
-                await self._api.run_db_interaction("synapse_xsign_uia_grants_table", txn)
-                self._table_ready = True
+        self._grants = ModuleTable(
+            api,
+            _GRANTS_TABLE,
+            "user_id TEXT NOT NULL PRIMARY KEY, master_key TEXT NOT NULL,"
+            " expires_ms BIGINT NOT NULL, granted_by TEXT NOT NULL,"
+            " granted_at_ms BIGINT NOT NULL",
+        )
 
     async def read(self, user_id: str) -> Window | None:
         """The latest master key's window; None when the user has no master key."""
@@ -96,7 +80,7 @@ class ReplacementWindows:
 
     async def grant(self, user_id: str, duration_ms: int, granted_by: str) -> Window | None:
         """Open a window on the latest master key; None when the user has none."""
-        await self._ensure_table()
+        await self._grants.ensure()
         now_ms = int(self._clock.time_msec())
         expires_ms = now_ms + duration_ms
 
@@ -121,7 +105,7 @@ class ReplacementWindows:
     async def revoke(self, user_id: str) -> Window | None:
         """Close the latest master key's window; returns it as it was before, or None when
         the user has no master key."""
-        await self._ensure_table()
+        await self._grants.ensure()
 
         def txn(cursor: Any) -> Window | None:
             rows = _latest_master(cursor, user_id)
@@ -166,7 +150,7 @@ class ReplacementWindows:
             return None
 
         try:
-            await self._ensure_table()
+            await self._grants.ensure()
             return await self._api.run_db_interaction("synapse_xsign_uia_window_grantor", txn)  # type: ignore[no-any-return]
         except Exception:
             # The keys are already stored: a failed look-up must not fail the request.

@@ -48,6 +48,10 @@ def fake_homeserver(**missing: bool) -> Any:
     )
     if "runInteraction" not in missing:
         store.db_pool = SimpleNamespace(runInteraction=lambda: None)
+    if "get_immediate" not in missing:
+        store._get_bare_e2e_cross_signing_keys = SimpleNamespace(
+            cache=SimpleNamespace(get_immediate=lambda: None), invalidate=lambda: None
+        )
     handler = SimpleNamespace(
         **{
             m: lambda: None
@@ -78,6 +82,13 @@ def test_missing_store_method() -> None:
     with pytest.raises(ConfigError) as info:
         _synapse.check_internals(fake_homeserver(get_e2e_cross_signing_keys_bulk=True))
     assert "get_e2e_cross_signing_keys_bulk" in str(info.value)
+    assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
+
+
+def test_missing_keys_cache() -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.check_internals(fake_homeserver(get_immediate=True))
+    assert "_get_bare_e2e_cross_signing_keys" in str(info.value)
     assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
 
 
