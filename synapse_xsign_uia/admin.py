@@ -14,20 +14,22 @@ import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from synapse.module_api import UserID
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_xsign_uia import _synapse, metrics
-from synapse_xsign_uia.config import Config
+from synapse_xsign_uia import metrics, validation
+from synapse_xsign_uia.errors import matrix_error, read_json_body
+from synapse_xsign_uia.outcomes import AdminAction
 from synapse_xsign_uia.policy import window_open
+from synapse_xsign_uia.user_ids import InvalidUserId, parse_user_id
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
-    from synapse.module_api import ModuleApi
+
+    from synapse_xsign_uia._synapse import Native, Synapse
+    from synapse_xsign_uia.config import Config
+    from synapse_xsign_uia.store import Store, Window
 
 logger = logging.getLogger(__name__)
-
-DURATION_FIELD = "duration_ms"
 
 # Synapse 1.98's pattern has no `$`, so it also answered paths with trailing segments.
 PATTERNS = [
@@ -39,72 +41,68 @@ PATTERNS = [
 Response = tuple[int, dict[str, Any]]
 
 
-def parse_duration(body: dict[str, Any], default_ms: int, max_ms: int) -> int:
-    """The window length a `POST` body asks for, in milliseconds."""
-    if DURATION_FIELD not in body:
-        return default_ms
-    value = body[DURATION_FIELD]
-    # JSON `true` is a Python bool, which is an int; `1000.0` is a float, however whole.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= max_ms:
-        raise SynapseError(
-            HTTPStatus.BAD_REQUEST,
-            f"'{DURATION_FIELD}' must be a positive integer number of milliseconds, at most "
-            f"max_replacement_window ({max_ms} ms); got {value!r}",
-            Codes.INVALID_PARAM,
-        )
-    return value
+def _no_master_key() -> SynapseError:
+    return SynapseError(
+        HTTPStatus.NOT_FOUND, "User has no master cross-signing key", Codes.NOT_FOUND
+    )
 
 
 class ReplacementWindowAdmin:
-    """The endpoint's logic for one homeserver (the main process)."""
+    """The endpoint, on the main process (Synapse serves its admin API there)."""
 
-    def __init__(self, config: Config, api: ModuleApi, internals: _synapse.Internals) -> None:
+    def __init__(self, config: Config, synapse: Synapse, store: Store) -> None:
         self._config = config
-        self._api = api
-        self._internals = internals
-        self._windows = internals.windows
-        self._metrics = metrics.for_server(api.server_name)
+        self._synapse = synapse
+        self._store = store
+        self._metrics = metrics.for_server(synapse.server_name)
+
+    @property
+    def handlers(self) -> dict[str, Any]:
+        """The servlet's methods."""
+        return {"on_POST": self.grant, "on_GET": self.status, "on_DELETE": self.revoke}
 
     async def _target(self, request: SynapseRequest, user_id: str) -> tuple[str, str]:
-        """The admin's ID and the canonical ID of the local user the request is about.
+        """The admin's ID and the local user the request is about.
 
         Authentication comes first, so that nobody without an admin token learns whether a
         user exists.
         """
-        requester = await _synapse.require_admin(self._internals.hs, request)
-        target = UserID.from_string(user_id)  # 400 M_INVALID_PARAM when malformed
-        if not self._api.is_mine(target):
+        admin = await self._synapse.requests.admin(request)
+        try:
+            parse_user_id(user_id)
+        except InvalidUserId as e:
+            raise SynapseError(HTTPStatus.BAD_REQUEST, str(e), Codes.INVALID_PARAM) from e
+        if not self._synapse.is_mine(user_id):
             raise SynapseError(
                 HTTPStatus.BAD_REQUEST,
                 "Only local users can be granted a cross-signing replacement window",
                 Codes.INVALID_PARAM,
             )
-        return requester.user.to_string(), target.to_string()
+        return admin.user_id, user_id
 
-    async def _existing(self, user_id: str) -> str:
-        canonical = await self._api.check_user_exists(user_id)
-        if canonical is None:
+    async def _registered(self, user_id: str) -> str:
+        """The user's ID as registered (Synapse matches IDs case-insensitively), or 404."""
+        registered = await self._synapse.existing_user(user_id)
+        if registered is None:
             raise SynapseError(HTTPStatus.NOT_FOUND, "User not found", Codes.NOT_FOUND)
-        return canonical
+        return registered
 
-    @staticmethod
-    def _no_master_key() -> SynapseError:
-        return SynapseError(
-            HTTPStatus.NOT_FOUND, "User has no master cross-signing key", Codes.NOT_FOUND
-        )
-
-    async def grant(self, request: SynapseRequest, user_id: str) -> Response:
+    async def grant(self, request: SynapseRequest, _native: Native, user_id: str) -> Response:
         admin, target = await self._target(request, user_id)
-        body = _synapse.parse_json_object(request, allow_empty_body=True)
-        duration_ms = parse_duration(
-            body, self._config.replacement_window_ms, self._config.max_replacement_window_ms
-        )
-        target = await self._existing(target)
+        body = read_json_body(request, allow_empty_body=True)
+        try:
+            duration_ms = validation.window_duration_ms(
+                body, self._config.replacement_window_ms, self._config.max_replacement_window_ms
+            )
+        except validation.RequestError as e:
+            raise matrix_error(e) from e
+        target = await self._registered(target)
         # Under the upload lock, an upload already deciding finishes before the grant lands.
-        async with self._internals.upload_lock(target):
-            window = await self._windows.grant(target, duration_ms, admin)
+        async with self._synapse.keys.lock(target):
+            now_ms = self._synapse.now_ms()
+            window = await self._store.grant_window(target, now_ms + duration_ms, admin, now_ms)
         if window is None or window.expires_ms is None:
-            raise self._no_master_key()
+            raise _no_master_key()
         logger.info(
             "Cross-signing replacement window granted: admin=%s user=%s master_key=%s "
             "duration_ms=%d expires_ms=%d",
@@ -114,68 +112,39 @@ class ReplacementWindowAdmin:
             duration_ms,
             window.expires_ms,
         )
-        self._metrics.admin_window(metrics.GRANT)
+        self._metrics.admin_window(AdminAction.GRANT)
         return HTTPStatus.OK, {"updatable_without_uia_before_ms": window.expires_ms}
 
-    async def status(self, request: SynapseRequest, user_id: str) -> Response:
+    async def status(self, request: SynapseRequest, _native: Native, user_id: str) -> Response:
         _, target = await self._target(request, user_id)
-        target = await self._existing(target)
-        window = await self._windows.read(target)
+        window = await self._store.read_window(await self._registered(target))
         if window is None:
-            raise self._no_master_key()
+            raise _no_master_key()
         return HTTPStatus.OK, {
             "updatable_without_uia_before_ms": window.expires_ms,
             # The upload decision's comparison, on the same clock.
-            "replaceable_without_uia": window_open(window.expires_ms, self._internals.now_ms()),
+            "replaceable_without_uia": window_open(window.expires_ms, self._synapse.now_ms()),
         }
 
-    async def revoke(self, request: SynapseRequest, user_id: str) -> Response:
+    async def revoke(self, request: SynapseRequest, _native: Native, user_id: str) -> Response:
         admin, target = await self._target(request, user_id)
-        target = await self._existing(target)
+        target = await self._registered(target)
         # Under the upload lock: once this answers, no upload can still use the window.
-        async with self._internals.upload_lock(target):
-            before = await self._windows.revoke(target)
+        async with self._synapse.keys.lock(target):
+            before = await self._store.revoke_window(target)
         if before is None:
-            raise self._no_master_key()
-        was_open = window_open(before.expires_ms, self._internals.now_ms())
+            raise _no_master_key()
+        self._log_revoke(admin, target, before)
+        self._metrics.admin_window(AdminAction.REVOKE)
+        return HTTPStatus.OK, {}
+
+    def _log_revoke(self, admin: str, target: str, before: Window) -> None:
         logger.info(
             "Cross-signing replacement window revoked: admin=%s user=%s master_key=%s "
             "was_open=%s expires_ms=%s",
             admin,
             target,
             before.master_key,
-            was_open,
+            window_open(before.expires_ms, self._synapse.now_ms()),
             before.expires_ms,
         )
-        self._metrics.admin_window(metrics.REVOKE)
-        return HTTPStatus.OK, {}
-
-
-def build_admin_window_servlet(admin: ReplacementWindowAdmin) -> type:
-    """A subclass of Synapse's own servlet for the endpoint, answering `POST`, `GET` and
-    `DELETE`.
-
-    It keeps the native class name, so Synapse's per-servlet request metrics stay continuous.
-    """
-    native: Any = _synapse.native_admin_window_servlet()
-
-    class UserReplaceMasterCrossSigningKeyRestServlet(native):  # type: ignore[misc,valid-type]
-        native_class = native
-        instances = 0
-
-        def __init__(self, hs: Any) -> None:
-            super().__init__(hs)
-            UserReplaceMasterCrossSigningKeyRestServlet.instances += 1
-
-        async def on_POST(self, request: SynapseRequest, user_id: str) -> Response:
-            return await admin.grant(request, user_id)
-
-        async def on_GET(self, request: SynapseRequest, user_id: str) -> Response:
-            return await admin.status(request, user_id)
-
-        async def on_DELETE(self, request: SynapseRequest, user_id: str) -> Response:
-            return await admin.revoke(request, user_id)
-
-    UserReplaceMasterCrossSigningKeyRestServlet.PATTERNS = PATTERNS
-    UserReplaceMasterCrossSigningKeyRestServlet.__module__ = __name__
-    return UserReplaceMasterCrossSigningKeyRestServlet

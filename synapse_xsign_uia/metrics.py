@@ -9,6 +9,7 @@ metrics are documented in docs/metrics.md.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -17,7 +18,8 @@ import attrs
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from synapse.module_api.errors import Codes
 
-from synapse_xsign_uia.policy import Rule
+from synapse_xsign_uia.outcomes import AdminAction, ResyncOutcome, UploadOutcome, UploadResult
+from synapse_xsign_uia.policy import RESETTING_RULES, Rule
 
 SERVER_NAME_LABEL = "server_name"
 
@@ -26,73 +28,47 @@ ADMIN_WINDOW = "synapse_xsign_uia_admin_window_total"
 RESYNC_REQUESTS = "synapse_xsign_uia_resync_requests_total"
 RESYNC_FEDERATION_REQUESTS = "synapse_xsign_uia_resync_federation_requests_total"
 IDENTITY_RESETS = "synapse_xsign_uia_identity_resets_total"
-# The rules under which a stored master key can be replaced (delegated auth is answered by
-# Synapse itself, which the module does not see write).
-RESET_RULES = ("uia", "replacement_window", "appservice")
 
 # The `rule` label of a request refused before a decision-table row was chosen.
 VALIDATION = "validation"
-
-NOTHING_WRITTEN = "nothing_written"
-UPLOADED = "uploaded"
-UIA_CHALLENGE = "uia_challenge"
-REFUSED = "refused"
-DELEGATED = "delegated"
 # Stands in for an errcode or status outside the known set, so that no client can grow
 # the number of series.
 OTHER = "other"
 
+RESET_RULES = tuple(rule.value for rule in Rule if rule in RESETTING_RULES)
+ADMIN_ACTIONS = tuple(action.value for action in AdminAction)
+RESYNC_OUTCOMES = tuple(outcome.value for outcome in ResyncOutcome)
+
+
+def _refused(*errcodes: str) -> tuple[str, ...]:
+    return tuple(UploadResult(UploadOutcome.REFUSED, code).label for code in errcodes)
+
+
+_NOTHING_WRITTEN = (UploadOutcome.NOTHING_WRITTEN.value,)
 # The refusals the module itself answers once a row is chosen, before anything is written.
-_REFUSED_AFTER_DECIDING = tuple(
-    f"{REFUSED}:{code}"
-    for code in ("M_INVALID_SIGNATURE", "M_MISSING_PARAM", "M_INVALID_PARAM", "M_FORBIDDEN")
+_REFUSED_AFTER_DECIDING = _refused(
+    "M_INVALID_SIGNATURE", "M_MISSING_PARAM", "M_INVALID_PARAM", "M_FORBIDDEN"
 )
-_WRITES = (UPLOADED, *_REFUSED_AFTER_DECIDING)
+_WRITES = (UploadOutcome.UPLOADED.value, *_REFUSED_AFTER_DECIDING)
 
 # Each row's outcomes that are known in advance: their series exist at 0 from start-up, so
 # that `rate()` and `increase()` see the first one. Others (an errcode Synapse answers
 # with, say) appear when they first happen.
 UPLOAD_OUTCOMES: Mapping[str, Sequence[str]] = {
-    VALIDATION: (f"{REFUSED}:M_BAD_JSON", f"{REFUSED}:M_INVALID_PARAM"),
-    Rule.NO_KEYS.value: (NOTHING_WRITTEN,),
-    Rule.IDENTICAL_REUPLOAD.value: (NOTHING_WRITTEN,),
+    VALIDATION: _refused("M_BAD_JSON", "M_INVALID_PARAM"),
+    Rule.NO_KEYS.value: _NOTHING_WRITTEN,
+    Rule.IDENTICAL_REUPLOAD.value: _NOTHING_WRITTEN,
     Rule.FIRST_UPLOAD.value: _WRITES,
     Rule.APPSERVICE.value: _WRITES,
     Rule.REPLACEMENT_WINDOW.value: _WRITES,
-    Rule.DELEGATED_AUTH.value: (f"{DELEGATED}:200", *_REFUSED_AFTER_DECIDING),
+    Rule.DELEGATED_AUTH.value: (
+        UploadResult(UploadOutcome.DELEGATED, "200").label,
+        *_REFUSED_AFTER_DECIDING,
+    ),
     # Synapse answers a wrong password with a new challenge: it counts as `uia_challenge`.
-    Rule.UIA.value: (UIA_CHALLENGE, *_WRITES),
+    Rule.UIA.value: (UploadOutcome.UIA_CHALLENGE.value, *_WRITES),
 }
 
-GRANT = "grant"
-REVOKE = "revoke"
-USED = "used"
-ADMIN_ACTIONS = (GRANT, REVOKE, USED)
-
-# The `outcome` of a resync request. The first four are the service's answers (resync.py);
-# the rest are refusals before the service is asked.
-RESYNC_FETCHED = "fetched"
-RESYNC_COOLDOWN = "cooldown"
-RESYNC_FAILED = "failed"
-RESYNC_TIMED_OUT = "timed_out"
-RESYNC_RATE_LIMITED = "rate_limited"
-RESYNC_NO_SHARED_ROOM = "no_shared_room"
-RESYNC_FEDERATION_DENIED = "federation_denied"
-RESYNC_INVALID = "invalid"
-RESYNC_UNAUTHORIZED = "unauthorized"
-RESYNC_OUTCOMES = (
-    RESYNC_FETCHED,
-    RESYNC_COOLDOWN,
-    RESYNC_FAILED,
-    RESYNC_TIMED_OUT,
-    RESYNC_RATE_LIMITED,
-    RESYNC_NO_SHARED_ROOM,
-    RESYNC_FEDERATION_DENIED,
-    RESYNC_INVALID,
-    RESYNC_UNAUTHORIZED,
-)
-
-_RULES = frozenset(UPLOAD_OUTCOMES)
 _MAX_REMEMBERED_SERIES = 256
 # Outcome names are the module's own; only what follows a ':' can come from elsewhere.
 _OUTCOME_KIND = re.compile(r"[a-z][a-z_]{0,31}")
@@ -100,7 +76,7 @@ _ERRCODES = frozenset(code.value for code in Codes) | frozenset(
     outcome.partition(":")[2]
     for outcomes in UPLOAD_OUTCOMES.values()
     for outcome in outcomes
-    if outcome.startswith(f"{REFUSED}:")
+    if outcome.startswith(f"{UploadOutcome.REFUSED.value}:")
 )
 
 
@@ -116,9 +92,9 @@ def upload_outcome_label(outcome: str) -> str:
         return OTHER
     if not separator:
         return kind
-    if kind == REFUSED:
+    if kind == UploadOutcome.REFUSED.value:
         known = detail in _ERRCODES
-    elif kind == DELEGATED:
+    elif kind == UploadOutcome.DELEGATED.value:
         known = len(detail) == 3 and detail.isascii() and detail.isdigit() and detail[0] in "12345"
     else:
         known = False
@@ -202,7 +178,7 @@ class Metrics:
     def __init__(self, server_name: str) -> None:
         self._server_name = server_name
         self._counters = _process_counters()
-        self._upload_series: dict[tuple[str, str], Any] = {}
+        self._upload_series: dict[tuple[Rule | None, UploadResult], Any] = {}
         for rule, outcomes in UPLOAD_OUTCOMES.items():
             for outcome in outcomes:
                 self._counters.upload_decisions.labels(server_name, rule, outcome)
@@ -214,33 +190,39 @@ class Metrics:
         for reset_rule in RESET_RULES:
             self._counters.identity_resets.labels(server_name, reset_rule)
 
-    def upload_decision(self, rule: str, outcome: str) -> None:
-        series = self._upload_series.get((rule, outcome))
+    def upload_decision(self, rule: Rule | None, result: UploadResult) -> None:
+        """One upload decision: `rule` None when the request was refused before a row was
+        chosen."""
+        series = self._upload_series.get((rule, result))
         if series is None:
-            rule_label = rule if rule in _RULES else OTHER
+            rule_label = VALIDATION if rule is None else _label(rule, Rule)
             series = self._counters.upload_decisions.labels(
-                self._server_name, rule_label, upload_outcome_label(outcome)
+                self._server_name, rule_label, upload_outcome_label(result.label)
             )
             # Every upload counts here: finding the series is most of the cost of counting,
             # and the pairs seen are few (the labels are bounded; the bound holds the rest).
             if len(self._upload_series) < _MAX_REMEMBERED_SERIES:
-                self._upload_series[(rule, outcome)] = series
+                self._upload_series[(rule, result)] = series
         series.inc()
 
-    def admin_window(self, action: str) -> None:
-        label = action if action in ADMIN_ACTIONS else OTHER
-        self._counters.admin_window.labels(self._server_name, label).inc()
+    def admin_window(self, action: AdminAction) -> None:
+        self._counters.admin_window.labels(self._server_name, _label(action, AdminAction)).inc()
 
-    def resync_request(self, outcome: str) -> None:
-        label = outcome if outcome in RESYNC_OUTCOMES else OTHER
+    def resync_request(self, outcome: ResyncOutcome) -> None:
+        label = _label(outcome, ResyncOutcome)
         self._counters.resync_requests.labels(self._server_name, label).inc()
 
-    def identity_reset(self, rule: str) -> None:
-        label = rule if rule in RESET_RULES else OTHER
+    def identity_reset(self, rule: Rule) -> None:
+        label = rule.value if rule in RESETTING_RULES else OTHER
         self._counters.identity_resets.labels(self._server_name, label).inc()
 
     def resync_federation_request(self) -> None:
         self._counters.resync_federation_requests.labels(self._server_name).inc()
+
+
+def _label(value: enum.Enum, kind: type[enum.Enum]) -> str:
+    """The label of an enum member; `other` for anything else, which no caller should pass."""
+    return str(value.value) if isinstance(value, kind) else OTHER
 
 
 _by_server: dict[str, Metrics] = {}

@@ -41,6 +41,12 @@ class Action(enum.Enum):
     UPLOAD = "upload"  # upload without UIA
     DELEGATE = "delegate"  # answer as Synapse's delegated-auth (MAS) flow does
     REQUIRE_UIA = "require_uia"  # Synapse's own UIA, then upload
+    REFUSE = "refuse"  # UIA is required but the requester cannot complete it: 403
+
+
+# The rules under which a stored master key can be replaced. With delegated auth Synapse's
+# own servlet answers, so the module does not see the write.
+RESETTING_RULES = frozenset({Rule.UIA, Rule.REPLACEMENT_WINDOW, Rule.APPSERVICE})
 
 
 @attrs.frozen
@@ -64,6 +70,10 @@ class Facts:
     delegated_auth: bool = False
     window_expires_ms: int | None = None
     now_ms: int = 0
+    # Synapse's UIA needs an access token of the user's own; an application service has none.
+    can_do_uia: bool = True
+    # Whether Synapse's cache of the user's keys was empty when the request came.
+    cache_missed: bool = False
 
     @property
     def window_open(self) -> bool:
@@ -74,6 +84,22 @@ class Facts:
 class Decision:
     rule: Rule
     action: Action
+    # Fill Synapse's cache of the user's keys, so that the next identical re-upload is
+    # answered from it, before the lock.
+    refresh_cache: bool = False
+
+
+@attrs.frozen
+class Consequences:
+    """What a write under a decision means beyond the keys stored."""
+
+    # The stored master key was replaced: the user's identity changed.
+    resets_identity: bool
+    # The write went through an admin-granted window: audited with the admin's ID.
+    through_window: bool
+    # The window is spent: a new master key starts without one. New sub-keys alone leave
+    # it open for the reset it was granted for.
+    spends_window: bool
 
 
 def window_open(expires_ms: int | None, now_ms: int) -> bool:
@@ -111,12 +137,29 @@ def changed_keys(
     }
 
 
+def decide_early(
+    toggles: Toggles, requested: Mapping[str, JsonKey], cached: Mapping[str, JsonKey] | None
+) -> Decision | None:
+    """Rows 1 and 2 from Synapse's cache of the stored keys (`cached`, None when it holds
+    nothing for the user), before the lock: answers that write nothing. None when the
+    request must be decided under the lock, from the database."""
+    if not requested:
+        return Decision(Rule.NO_KEYS, Action.NOTHING)
+    if (
+        toggles.identical_reupload_without_uia
+        and cached is not None
+        and is_identical(requested, cached)
+    ):
+        return Decision(Rule.IDENTICAL_REUPLOAD, Action.NOTHING)
+    return None
+
+
 def decide(toggles: Toggles, facts: Facts) -> Decision:
     """The first row of the decision table that applies."""
     if not facts.requested:
         return Decision(Rule.NO_KEYS, Action.NOTHING)
     if toggles.identical_reupload_without_uia and is_identical(facts.requested, facts.stored):
-        return Decision(Rule.IDENTICAL_REUPLOAD, Action.NOTHING)
+        return Decision(Rule.IDENTICAL_REUPLOAD, Action.NOTHING, refresh_cache=facts.cache_missed)
     if toggles.first_upload_without_uia and "master" not in facts.stored:
         return Decision(Rule.FIRST_UPLOAD, Action.UPLOAD)
     if toggles.appservice_without_uia and facts.is_appservice:
@@ -125,4 +168,19 @@ def decide(toggles: Toggles, facts: Facts) -> Decision:
         return Decision(Rule.REPLACEMENT_WINDOW, Action.UPLOAD)
     if facts.delegated_auth:
         return Decision(Rule.DELEGATED_AUTH, Action.DELEGATE)
+    if not facts.can_do_uia:
+        return Decision(Rule.UIA, Action.REFUSE)
     return Decision(Rule.UIA, Action.REQUIRE_UIA)
+
+
+def consequences(
+    rule: Rule, stored: Mapping[str, JsonKey], written: Mapping[str, JsonKey]
+) -> Consequences:
+    """What writing `written` over `stored` under `rule` means."""
+    replaces_master = "master" in written and "master" in stored
+    through_window = rule is Rule.REPLACEMENT_WINDOW
+    return Consequences(
+        resets_identity=replaces_master and rule in RESETTING_RULES,
+        through_window=through_window,
+        spends_window=through_window and "master" in written,
+    )

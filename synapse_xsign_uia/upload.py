@@ -1,208 +1,220 @@
-"""`POST /_matrix/client/v3/keys/device_signing/upload`: glue between the HTTP request, the
-decision table and Synapse's handlers."""
+"""`POST /_matrix/client/v3/keys/device_signing/upload`, top to bottom: authenticate, read
+the request, gather the facts, let `policy` decide, carry the decision out.
+
+Every decision is `policy`'s; this file only does what a decision says, and logs and counts
+what it came to.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from synapse.api.errors import SynapseError
+import attrs
+from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_xsign_uia import _synapse, metrics, policy, validation
-from synapse_xsign_uia.config import Config
-from synapse_xsign_uia.notice import ResetNotifier
-from synapse_xsign_uia.policy import Action, Decision, Facts, Rule, Toggles
-from synapse_xsign_uia.validation import RequestError
+from synapse_xsign_uia import metrics, policy, validation
+from synapse_xsign_uia.errors import matrix_error, read_json_body
+from synapse_xsign_uia.outcomes import AdminAction, UploadOutcome, UploadResult
+from synapse_xsign_uia.policy import Action, Decision, Facts, JsonKey, Rule, Toggles
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
-
     from synapse.http.site import SynapseRequest
-    from synapse.module_api import ModuleApi
 
-    NativeHandler = Callable[[SynapseRequest], Awaitable[tuple[int, Any]]]
+    from synapse_xsign_uia._synapse import Caller, Native, StoredState, Synapse
+    from synapse_xsign_uia.config import Config
+    from synapse_xsign_uia.notice import ResetNotifier
+    from synapse_xsign_uia.store import Store
 
 logger = logging.getLogger(__name__)
 
+Answer = tuple[int, Any]
 
-class UploadPolicy:
-    """Carries out the decision table for one homeserver process."""
+# What Synapse's UIA tells the user they are authenticating for.
+UIA_DESCRIPTION = "reset the device signing key on your account"
 
-    def __init__(self, config: Config, api: ModuleApi, internals: _synapse.Internals) -> None:
-        self._api = api
-        self._internals = internals
+
+@attrs.frozen
+class Attempt:
+    """One upload request, as read: who sends which keys."""
+
+    caller: Caller
+    request: SynapseRequest = attrs.field(eq=False, repr=False)
+    body: Mapping[str, Any] = attrs.field(repr=False)
+    # Key type (`master`, ...) -> the key in the request.
+    requested: Mapping[str, JsonKey]
+
+    @property
+    def user_id(self) -> str:
+        return self.caller.user_id
+
+
+class UploadHandler:
+    """The upload endpoint for one homeserver process."""
+
+    def __init__(
+        self, config: Config, synapse: Synapse, store: Store, notifier: ResetNotifier
+    ) -> None:
+        self._synapse = synapse
+        self._store = store
+        self._notifier = notifier
         self._toggles = Toggles(
             first_upload_without_uia=config.first_upload_without_uia,
             identical_reupload_without_uia=config.identical_reupload_without_uia,
             appservice_without_uia=config.appservice_without_uia,
         )
-        self._delegated_auth = _synapse.delegated_auth_enabled(internals.hs)
-        self._incomplete_uia = _synapse.resolve("synapse.api.errors:InteractiveAuthIncompleteError")
-        self._reset_notifier = ResetNotifier(config.notify_on_reset, api, internals)
-        self._metrics = metrics.for_server(api.server_name)
+        self._metrics = metrics.for_server(synapse.server_name)
 
-    async def handle(self, request: SynapseRequest, native: NativeHandler) -> tuple[int, Any]:
-        requester = await _synapse.get_user_by_req(self._api, request)
-        user_id = requester.user.to_string()
-        body = _synapse.parse_json_object(request)
-        rule: Rule | None = None
+    @property
+    def handlers(self) -> dict[str, Any]:
+        """The servlet's methods."""
+        return {"on_POST": self.handle}
+
+    async def handle(self, request: SynapseRequest, native: Native) -> Answer:
+        caller = await self._synapse.requests.caller(request)
+        body = read_json_body(request)
+        keys = self._synapse.keys
+        with self._decision_logged(caller.user_id, None):
+            attempt = _attempt(caller, request, body)
+            # Answers that write nothing need no lock, and come from Synapse's cache.
+            cached = keys.cached(caller.user_id, attempt.requested.keys())
+            early = policy.decide_early(self._toggles, attempt.requested, cached)
+            if early is not None:
+                return self._answer(attempt, early.rule, UploadOutcome.NOTHING_WRITTEN)
+            validation.check_keys(attempt.requested, caller.user_id)
+        async with keys.lock(caller.user_id):
+            public_keys = [validation.public_key(key) for key in attempt.requested.values()]
+            stored = await keys.stored_state(caller.user_id, public_keys)
+            decision = policy.decide(self._toggles, self._facts(attempt, stored, cached))
+            with self._decision_logged(caller.user_id, decision.rule):
+                return await self._carry_out(attempt, decision, stored, native)
+
+    def _facts(
+        self, attempt: Attempt, stored: StoredState, cached: Mapping[str, JsonKey] | None
+    ) -> Facts:
+        return Facts(
+            requested=attempt.requested,
+            stored=stored.keys,
+            is_appservice=attempt.caller.is_appservice,
+            delegated_auth=self._synapse.delegated_auth,
+            window_expires_ms=stored.window_expires_ms,
+            now_ms=self._synapse.now_ms(),
+            can_do_uia=attempt.caller.has_user_token,
+            cache_missed=cached is None,
+        )
+
+    async def _carry_out(
+        self, attempt: Attempt, decision: Decision, stored: StoredState, native: Native
+    ) -> Answer:
+        if decision.action is Action.NOTHING:
+            if decision.refresh_cache:
+                self._synapse.keys.warm_cache(attempt.user_id)
+            return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
+        written = policy.changed_keys(attempt.requested, stored.keys)
+        validation.check_replacements(written, stored.keys, stored.taken_device_ids)
+        if decision.action is Action.DELEGATE:
+            # Synapse's own delegated-auth answer, still under the lock.
+            status, result = await native(attempt.request)
+            self._log(
+                attempt.user_id, decision.rule, UploadResult(UploadOutcome.DELEGATED, str(status))
+            )
+            return status, result
+        if decision.action is Action.REFUSE:
+            raise SynapseError(
+                403,
+                "This requester cannot complete user-interactive authentication, which is "
+                "required to replace existing cross-signing keys",
+                Codes.FORBIDDEN,
+            )
+        if decision.action is Action.REQUIRE_UIA:
+            await self._user_interactive_auth(attempt)
+        if not written:
+            return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
+        await self._write(attempt, decision.rule, stored, written)
+        return self._answer(attempt, decision.rule, UploadOutcome.UPLOADED)
+
+    async def _user_interactive_auth(self, attempt: Attempt) -> None:
+        """Synapse's UIA; raises its challenge (a 401) until the user has authenticated."""
+        validation.check_uia_auth(attempt.body.get("auth"))
+        await self._synapse.keys.user_interactive_auth(
+            attempt.caller, attempt.request, attempt.body, UIA_DESCRIPTION
+        )
+
+    async def _write(
+        self, attempt: Attempt, rule: Rule, stored: StoredState, written: Mapping[str, JsonKey]
+    ) -> None:
+        # Signatures are checked after UIA, as Synapse does: a challenge costs no signature
+        # verification.
+        validation.check_unwritten_signatures(
+            attempt.requested, written, stored.keys, attempt.user_id
+        )
+        fields = {
+            field: written[key_type]
+            for field, key_type in policy.KEY_FIELDS.items()
+            if key_type in written
+        }
+        await self._synapse.keys.upload(attempt.user_id, fields)
+        consequences = policy.consequences(rule, stored.keys, written)
+        if consequences.resets_identity:
+            self._metrics.identity_reset(rule)
+            self._notifier.master_replaced(attempt.user_id, rule)
+        if consequences.through_window:
+            await self._audit_window(attempt.user_id, written, consequences.spends_window)
+
+    async def _audit_window(
+        self, user_id: str, written: Mapping[str, JsonKey], spent: bool
+    ) -> None:
+        """Log who granted the window a write went through."""
         try:
-            validation.check_body_shape(body)
-            requested = policy.requested_keys(body)
-            if not requested:
-                rule = Rule.NO_KEYS
-                return self._done(user_id, rule, "nothing_written")
+            grantor = await self._store.window_grantor(user_id, master_replaced=spent)
+        except Exception:
+            # The keys are already stored: a failed look-up must not fail the request.
+            logger.warning("Could not look up who granted %s's window", user_id, exc_info=True)
+            grantor = None
+        logger.info(
+            "Cross-signing keys replaced through an admin-granted window: user=%s admin=%s keys=%s",
+            user_id,
+            grantor or "unknown (not granted through this module)",
+            ",".join(sorted(written)),
+        )
+        if spent:
+            self._metrics.admin_window(AdminAction.USED)
 
-            # Answering "already stored" writes nothing, so it needs no lock.
-            cached: dict[str, Any] | None = None
-            if self._toggles.identical_reupload_without_uia:
-                cached = self._internals.cached_keys(user_id, requested.keys())
-                if cached is not None and policy.is_identical(requested, cached):
-                    rule = Rule.IDENTICAL_REUPLOAD
-                    return self._done(user_id, rule, "nothing_written")
-
-            validation.check_keys(requested, user_id)
-            async with self._internals.upload_lock(user_id):
-                stored = await self._internals.read_stored_state(
-                    user_id, [validation.public_key(key) for key in requested.values()]
-                )
-                decision = policy.decide(
-                    self._toggles,
-                    Facts(
-                        requested=requested,
-                        stored=stored.keys,
-                        is_appservice=_synapse.is_appservice(requester),
-                        delegated_auth=self._delegated_auth,
-                        window_expires_ms=stored.window_expires_ms,
-                        now_ms=self._internals.now_ms(),
-                    ),
-                )
-                rule = decision.rule
-                if decision.action is Action.NOTHING:
-                    if rule is Rule.IDENTICAL_REUPLOAD and cached is None:
-                        self._internals.warm_keys_cache(user_id)
-                    return self._done(user_id, rule, "nothing_written")
-
-                changed = policy.changed_keys(requested, stored.keys)
-                validation.check_replacements(changed, stored.keys, stored.taken_device_ids)
-                return await self._act(
-                    decision,
-                    request,
-                    requester,
-                    body,
-                    requested,
-                    stored.keys,
-                    changed,
-                    native,
-                    replaces_master="master" in changed and "master" in stored.keys,
-                )
-        except RequestError as e:
-            self._log(user_id, rule, f"refused:{e.errcode}")
-            raise SynapseError(e.status, e.message, e.errcode) from e
-        except self._incomplete_uia:
-            self._log(user_id, rule, "uia_challenge")
+    @contextlib.contextmanager
+    def _decision_logged(self, user_id: str, rule: Rule | None) -> Iterator[None]:
+        """Log and count a refusal or a UIA challenge under `rule` (None: before a row was
+        chosen), answering the module's own refusals as Matrix errors."""
+        try:
+            yield
+        except validation.RequestError as e:
+            self._log(user_id, rule, UploadResult(UploadOutcome.REFUSED, e.errcode))
+            raise matrix_error(e) from e
+        except self._synapse.keys.uia_challenge:
+            self._log(user_id, rule, UploadResult(UploadOutcome.UIA_CHALLENGE))
             raise
         except SynapseError as e:
             # Synapse's errcodes are `Codes` members, whose `format()` gives the member name
             # (`Codes.FORBIDDEN`) from Python 3.11.
-            self._log(user_id, rule, f"refused:{getattr(e.errcode, 'value', e.errcode)}")
+            errcode = str(getattr(e.errcode, "value", e.errcode))
+            self._log(user_id, rule, UploadResult(UploadOutcome.REFUSED, errcode))
             raise
 
-    async def _act(
-        self,
-        decision: Decision,
-        request: SynapseRequest,
-        requester: Any,
-        body: dict[str, Any],
-        requested: dict[str, policy.JsonKey],
-        stored: Mapping[str, policy.JsonKey],
-        changed: dict[str, policy.JsonKey],
-        native: NativeHandler,
-        *,
-        replaces_master: bool,
-    ) -> tuple[int, Any]:
-        user_id = requester.user.to_string()
-        if decision.action is Action.DELEGATE:
-            # Synapse's own delegated-auth answer, still under the lock.
-            status, result = await native(request)
-            self._log(user_id, decision.rule, f"delegated:{status}")
-            return status, result
-        if decision.action is Action.REQUIRE_UIA:
-            await self._internals.validate_uia(requester, request, body)
-        if changed:
-            # Signatures are checked after UIA, as Synapse does: a challenge costs no
-            # signature verification. Synapse verifies the keys it is given before writing
-            # any of them; the requested keys it is not given (already stored) are checked
-            # here, against the master key of the request.
-            validation.check_signatures(
-                {k: v for k, v in requested.items() if k == "master" or k not in changed},
-                stored,
-                user_id,
-            )
-            fields = {
-                field: changed[key_type]
-                for field, key_type in policy.KEY_FIELDS.items()
-                if key_type in changed
-            }
-            await self._internals.upload_keys(user_id, fields)
-            if replaces_master:
-                self._metrics.identity_reset(decision.rule.value)
-                self._reset_notifier.master_replaced(user_id, decision.rule)
-            if decision.rule is Rule.REPLACEMENT_WINDOW:
-                grantor = await self._internals.windows.grantor(
-                    user_id, master_replaced="master" in changed
-                )
-                logger.info(
-                    "Cross-signing keys replaced through an admin-granted window: user=%s "
-                    "admin=%s keys=%s",
-                    user_id,
-                    grantor or "unknown (not granted through this module)",
-                    ",".join(sorted(changed)),
-                )
-                if "master" in changed:
-                    # New sub-keys alone leave the window open for the reset it was for.
-                    self._metrics.admin_window(metrics.USED)
-            return self._done(user_id, decision.rule, "uploaded")
-        return self._done(user_id, decision.rule, "nothing_written")
-
-    def _done(self, user_id: str, rule: Rule, outcome: str) -> tuple[int, Any]:
-        self._log(user_id, rule, outcome)
+    def _answer(self, attempt: Attempt, rule: Rule, outcome: UploadOutcome) -> Answer:
+        self._log(attempt.user_id, rule, UploadResult(outcome))
         return 200, {}
 
-    def _log(self, user_id: str, rule: Rule | None, outcome: str) -> None:
-        rule_name = rule.value if rule is not None else metrics.VALIDATION
+    def _log(self, user_id: str, rule: Rule | None, result: UploadResult) -> None:
         logger.info(
             "cross-signing upload decision: user=%s rule=%s outcome=%s",
             user_id,
-            rule_name,
-            outcome,
+            metrics.VALIDATION if rule is None else rule.value,
+            result.label,
         )
-        self._metrics.upload_decision(rule_name, outcome)
+        self._metrics.upload_decision(rule, result)
 
 
-def build_upload_servlet(upload_policy: UploadPolicy) -> type:
-    """A subclass of Synapse's own upload servlet whose `on_POST` follows the decision table.
-
-    It keeps the native class name, so Synapse's per-servlet request metrics stay continuous.
-    """
-    native: Any = _synapse.native_upload_servlet()
-    interactive_auth_handler = _synapse.interactive_auth_handler()
-
-    class SigningKeyUploadServlet(native):  # type: ignore[misc,valid-type]
-        native_class = native
-        instances = 0
-
-        def __init__(self, hs: Any) -> None:
-            super().__init__(hs)
-            SigningKeyUploadServlet.instances += 1
-
-        @interactive_auth_handler
-        async def on_POST(self, request: SynapseRequest) -> tuple[int, Any]:
-            return await upload_policy.handle(request, self._native_on_post)
-
-        async def _native_on_post(self, request: SynapseRequest) -> tuple[int, Any]:
-            _synapse.rewind_request(request)
-            return await native.on_POST(self, request)  # type: ignore[no-any-return]
-
-    SigningKeyUploadServlet.__module__ = __name__
-    return SigningKeyUploadServlet
+def _attempt(caller: Caller, request: SynapseRequest, body: Mapping[str, Any]) -> Attempt:
+    validation.check_body_shape(body)
+    return Attempt(caller, request, body, policy.requested_keys(body))

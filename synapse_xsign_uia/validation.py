@@ -147,6 +147,26 @@ def check_signatures(
             ) from e
 
 
+def check_unwritten_signatures(
+    requested: Mapping[str, JsonKey],
+    written: Mapping[str, JsonKey],
+    stored: Mapping[str, JsonKey],
+    user_id: str,
+) -> None:
+    """Signatures of the requested keys that will not be written, checked against the master
+    key of the request.
+
+    Synapse verifies the keys it is given before writing any of them; the requested keys it
+    is not given (equal to the stored ones) are checked here, so that a request with a new
+    master key cannot re-send sub-keys the new master key did not sign.
+    """
+    check_signatures(
+        {k: v for k, v in requested.items() if k == "master" or k not in written},
+        stored,
+        user_id,
+    )
+
+
 def check_replacements(
     changed: Mapping[str, JsonKey], stored: Mapping[str, JsonKey], taken_ids: Collection[str]
 ) -> None:
@@ -166,6 +186,24 @@ def check_replacements(
             )
         if pub in taken_ids:
             raise RequestError(403, M_FORBIDDEN, "Key ID in use")
+
+
+WINDOW_DURATION_FIELD = "duration_ms"
+
+
+def window_duration_ms(body: Mapping[str, Any], default_ms: int, max_ms: int) -> int:
+    """The window length an admin's grant asks for: `duration_ms`, a positive integer of
+    milliseconds up to `max_ms`, or `default_ms` when absent."""
+    if WINDOW_DURATION_FIELD not in body:
+        return default_ms
+    value = body[WINDOW_DURATION_FIELD]
+    # JSON `true` is a Python bool, which is an int; `1000.0` is a float, however whole.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= max_ms:
+        raise _invalid(
+            f"'{WINDOW_DURATION_FIELD}' must be a positive integer number of milliseconds, at "
+            f"most max_replacement_window ({max_ms} ms); got {value!r}"
+        )
+    return value
 
 
 # Fields of a UIA `auth` object that Synapse's UIA handler (1.98 to 1.163) uses as strings, or

@@ -3,6 +3,7 @@ of the fetch."""
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,6 @@ from twisted.internet import error as twisted_error
 from synapse_xsign_uia._synapse.support import require_attribute, resolve
 
 if TYPE_CHECKING:
-    from synapse.module_api import ModuleApi
     from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,22 @@ REQUIRED_RESYNC_ATTRIBUTES = (
 INTERNAL_ERROR = "an error in this homeserver (its log has the details)"
 
 
+class FailureReason(enum.Enum):
+    """Why Synapse did not fetch a device list; the value is what clients and logs see."""
+
+    BACKOFF = "backoff"  # Synapse backs off from the remote server after earlier failures
+    UNREACHABLE = "unreachable"  # no connection, or no answer
+    TIMEOUT = "timeout"  # the request timed out
+    REMOTE_ERROR = "remote_error"  # the remote server answered with an error
+    DENIED = "denied"  # federation with the remote server is not allowed
+    ERROR = "error"  # something failed in this homeserver
+
+
 @attrs.frozen
 class ResyncFailure:
     """Why Synapse did not fetch a device list, in plain data."""
 
-    # backoff | unreachable | timeout | remote_error | denied | error
-    reason: str
+    reason: FailureReason
     detail: str
     # When Synapse's backoff for the destination ends, in ms since the epoch.
     retry_at_ms: int | None = None
@@ -98,27 +108,22 @@ class DeviceLists:
     """Remote users' device lists, through Synapse's device-list updater (which, on a
     worker, forwards to the process that writes device lists over replication)."""
 
-    def __init__(self, api: ModuleApi) -> None:
-        self.hs: HomeServer = api._hs
-        self._store: Any = self.hs.get_datastores().main
-        self._clock: Any = self.hs.get_clock()
-        device_handler: Any = self.hs.get_device_handler()
+    def __init__(self, hs: HomeServer) -> None:
+        self._hs = hs
+        self._store: Any = hs.get_datastores().main
+        self._clock: Any = hs.get_clock()
+        device_handler: Any = hs.get_device_handler()
         self._updater: Any = require_attribute(
             device_handler, "device_list_updater", REQUIRED_RESYNC_ATTRIBUTES[0]
         )
-        config: Any = self.hs.config
+        config: Any = hs.config
         require_attribute(
             config.federation, "federation_domain_whitelist", REQUIRED_RESYNC_ATTRIBUTES[1]
         )
-        self._observer = _install_fetch_observer(self.hs)
-
-    async def is_server_admin(self, requester: Any) -> bool:
-        """Synapse's own test, so that admins by token scope (delegated auth) count too."""
-        auth: Any = self.hs.get_auth()
-        return bool(await auth.is_server_admin(requester))
+        self._observer = _install_fetch_observer(hs)
 
     def federation_allowed(self, server_name: str) -> bool:
-        config: Any = self.hs.config
+        config: Any = self._hs.config
         allowed = config.federation.federation_domain_whitelist
         return allowed is None or server_name in allowed
 
@@ -146,7 +151,7 @@ class DeviceLists:
             # elsewhere: replication to the main process, or handling the answer.
             logger.warning("Resyncing the device list of %s failed", user_id, exc_info=True)
             self._observer.release(user_id)
-            return ResyncFailure("error", INTERNAL_ERROR)
+            return ResyncFailure(FailureReason.ERROR, INTERNAL_ERROR)
         observed = self._observer.release(user_id)
         if result is not None and result.get(user_id) is not None:
             return None
@@ -175,12 +180,12 @@ def classify_fetch_error(error: BaseException) -> ResyncFailure:
     """What an exception out of `FederationClient.query_user_devices` means for the client."""
     if isinstance(error, resolve("synapse.util.retryutils:NotRetryingDestination")):
         return ResyncFailure(
-            "backoff",
+            FailureReason.BACKOFF,
             "backing off after earlier failures",
             retry_at_ms=int(error.retry_last_ts + error.retry_interval),
         )
     if isinstance(error, resolve("synapse.api.errors:FederationDeniedError")):
-        return ResyncFailure("denied", "federation with it is not allowed")
+        return ResyncFailure(FailureReason.DENIED, "federation with it is not allowed")
     http_error = resolve("synapse.api.errors:HttpResponseException")
     if isinstance(error, resolve("synapse.api.errors:RequestSendFailed")):
         inner = error.inner_exception
@@ -188,11 +193,11 @@ def classify_fetch_error(error: BaseException) -> ResyncFailure:
             # 5xx and 429 answers come wrapped.
             return _http_failure(inner)
         if isinstance(inner, defer.TimeoutError | TimeoutError | twisted_error.TimeoutError):
-            return ResyncFailure("timeout", "the request timed out")
-        return ResyncFailure("unreachable", _describe(inner))
+            return ResyncFailure(FailureReason.TIMEOUT, "the request timed out")
+        return ResyncFailure(FailureReason.UNREACHABLE, _describe(inner))
     if isinstance(error, http_error):
         return _http_failure(error)
-    return ResyncFailure("error", _describe(error))
+    return ResyncFailure(FailureReason.ERROR, _describe(error))
 
 
 def _http_failure(error: Any) -> ResyncFailure:
@@ -206,7 +211,7 @@ def _http_failure(error: Any) -> ResyncFailure:
         detail += f" {errcode}"
     elif error.msg:
         detail += f" {error.msg}"
-    return ResyncFailure("remote_error", detail, remote_status=status)
+    return ResyncFailure(FailureReason.REMOTE_ERROR, detail, remote_status=status)
 
 
 def _describe(error: BaseException) -> str:
@@ -227,8 +232,12 @@ def _classify_by_backoff(backoff: tuple[int, int] | None, started_ms: int) -> Re
     did not see (on a worker, the fetch runs on the process that writes device lists)."""
     if backoff is None:
         # A 4xx answer or an unusable body leaves no backoff behind.
-        return ResyncFailure("remote_error", "it answered with an error or an unusable body")
+        return ResyncFailure(
+            FailureReason.REMOTE_ERROR, "it answered with an error or an unusable body"
+        )
     last_failure_ms, ends_ms = backoff
     if last_failure_ms < started_ms:
-        return ResyncFailure("backoff", "backing off after earlier failures", retry_at_ms=ends_ms)
-    return ResyncFailure("unreachable", "no answer, or a server error", ends_ms)
+        return ResyncFailure(
+            FailureReason.BACKOFF, "backing off after earlier failures", retry_at_ms=ends_ms
+        )
+    return ResyncFailure(FailureReason.UNREACHABLE, "no answer, or a server error", ends_ms)

@@ -1,48 +1,39 @@
-"""The homeserver process: which servlets Synapse installs, how it is deployed (workers,
-delegated auth), its reactor and its background runner."""
+"""`Synapse`: the one object through which the module reaches the running homeserver.
+
+Created once, by the module's entry point, and passed to every part that needs Synapse. It
+offers verbs and facts about the deployment, and knows none of the module's rules.
+"""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from synapse_xsign_uia._synapse.support import resolve
+from synapse.module_api import DirectServeJsonResource
+
+from synapse_xsign_uia._synapse.device_lists import DeviceLists
+from synapse_xsign_uia._synapse.keys import CrossSigningKeys
+from synapse_xsign_uia._synapse.notices import ServerNotices
+from synapse_xsign_uia._synapse.reactor import run_in_background
+from synapse_xsign_uia._synapse.requests import Requests
+from synapse_xsign_uia._synapse.servlets import Handler, NativeServlet, replace_servlet
+from synapse_xsign_uia._synapse.support import check_internals, synapse_version
 
 if TYPE_CHECKING:
+    import re
+
+    from synapse.http.site import SynapseRequest
     from synapse.module_api import ModuleApi
     from synapse.server import HomeServer
 
+T = TypeVar("T")
 
-def install_servlet(name: str, replacement: type) -> type:
-    """Put `replacement` where Synapse's `register_servlets` looks `name` up, and return the
-    native class it replaces."""
-    module_name, _, attr = name.partition(":")
-    module = importlib.import_module(module_name)
-    native: type = getattr(module, attr)
-    if native is not replacement:
-        setattr(module, attr, replacement)
-    return native
+# From this release on, Synapse's workers serve the upload endpoint too.
+_UPLOAD_ON_WORKERS = (1, 135, 0)
 
 
-def native_upload_servlet() -> type:
-    cls: type = resolve("synapse.rest.client.keys:SigningKeyUploadServlet")
-    # A second module instance in the same process finds our class already installed.
-    return getattr(cls, "native_class", cls)
-
-
-def interactive_auth_handler() -> Callable[[Any], Any]:
-    return resolve("synapse.rest.client._base:interactive_auth_handler")  # type: ignore[no-any-return]
-
-
-def is_appservice(requester: Any) -> bool:
-    # `app_service` up to Synapse 1.140, `app_service_id` after.
-    return bool(
-        getattr(requester, "app_service_id", None) or getattr(requester, "app_service", None)
-    )
-
-
-def delegated_auth_enabled(hs: HomeServer) -> bool:
+def _delegated_auth(hs: HomeServer) -> bool:
     config: Any = hs.config
     mas = getattr(config, "mas", None)
     if mas is not None and getattr(mas, "enabled", False):
@@ -51,27 +42,7 @@ def delegated_auth_enabled(hs: HomeServer) -> bool:
     return bool(msc3861 is not None and getattr(msc3861, "enabled", False))
 
 
-def runs_with_workers(hs: HomeServer) -> bool:
-    """Workers need Redis replication, so without Redis this process is the only writer."""
-    config: Any = hs.config
-    return bool(config.worker.worker_app is not None or config.redis.redis_enabled)
-
-
-def call_soon(hs: HomeServer, callback: Callable[[], None]) -> None:
-    reactor: Any = hs.get_reactor()
-    reactor.callLater(0, callback)
-
-
-def stop_reactor(hs: HomeServer) -> None:
-    reactor: Any = hs.get_reactor()
-    reactor.stop()
-
-
-def is_main_process(hs: HomeServer) -> bool:
-    return hs.config.worker.worker_app is None
-
-
-def listener_resources(hs: HomeServer) -> set[str]:
+def _listener_resources(hs: HomeServer) -> set[str]:
     names: set[str] = set()
     for listener in hs.config.server.listeners:
         options = getattr(listener, "http_options", None)
@@ -80,31 +51,113 @@ def listener_resources(hs: HomeServer) -> set[str]:
     return names
 
 
-ADMIN_WINDOW_SERVLET = "synapse.rest.admin:UserReplaceMasterCrossSigningKeyRestServlet"
+class _JsonResource(DirectServeJsonResource):
+    """A Twisted leaf resource: it gets every path below the one it is registered at."""
+
+    isLeaf = True
+
+    def __init__(
+        self, clock: Any, on_get: Callable[[SynapseRequest], Awaitable[tuple[int, Any]]]
+    ) -> None:
+        # Newer Synapse releases take the homeserver's clock here; older ones have no such
+        # argument.
+        if "clock" in inspect.signature(DirectServeJsonResource.__init__).parameters:
+            super().__init__(clock=clock)
+        else:
+            super().__init__()
+        self._on_get = on_get
+
+    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, Any]:
+        return await self._on_get(request)
 
 
-def native_admin_window_servlet() -> type:
-    cls: type = resolve(ADMIN_WINDOW_SERVLET)
-    # A second module instance in the same process finds our class already installed.
-    return getattr(cls, "native_class", cls)
+class Synapse:
+    """The running homeserver, as the module sees it."""
 
+    def __init__(self, api: ModuleApi) -> None:
+        hs: HomeServer = api._hs
+        check_internals(hs)
+        self._api = api
+        self._hs = hs
+        self._clock: Any = hs.get_clock()
+        self._device_lists: DeviceLists | None = None
+        config: Any = hs.config
+        self.server_name: str = api.server_name
+        # Synapse serves its admin API, and sends server notices, from the main process.
+        self.is_main_process: bool = config.worker.worker_app is None
+        # Workers need Redis replication, so without Redis this process is the only writer.
+        self.with_workers = bool(config.worker.worker_app is not None or config.redis.redis_enabled)
+        # Authentication delegated to the Matrix Authentication Service (or MSC3861).
+        self.delegated_auth = _delegated_auth(hs)
+        self.requests = Requests(api, hs)
+        self.keys = CrossSigningKeys(api, hs, with_workers=self.with_workers)
+        self.notices = ServerNotices(hs)
 
-def call_later(hs: HomeServer, delay_s: float, callback: Callable[..., object], *args: Any) -> Any:
-    """The reactor's `callLater`: the callback runs in no logcontext. Synapse's own
-    `Clock.call_later` changed its signature between the supported releases."""
-    reactor: Any = hs.get_reactor()
-    return reactor.callLater(delay_s, callback, *args)
+    def device_lists(self) -> DeviceLists:
+        """Remote users' device lists (the resync endpoint's verbs), set up on first use."""
+        if self._device_lists is None:
+            self._device_lists = DeviceLists(self._hs)
+        return self._device_lists
 
+    # Servlets and resources.
 
-def run_as_background_process(
-    api: ModuleApi, desc: str, func: Callable[..., Awaitable[object]], *args: Any
-) -> None:
-    """Run `func` in its own logcontext, not awaited. A `ModuleApi` method in newer
-    releases; before, only the module-level function (deprecated since)."""
-    method = getattr(api, "run_as_background_process", None)
-    if method is not None:
-        method(desc, func, *args)
-        return
-    from synapse.module_api import run_as_background_process as run
+    def replace_servlet(
+        self,
+        servlet: NativeServlet,
+        handlers: Mapping[str, Handler],
+        patterns: Sequence[re.Pattern[str]] | None = None,
+    ) -> type:
+        return replace_servlet(servlet, handlers, patterns)
 
-    run(desc, func, *args)
+    def serves(self, servlet: NativeServlet) -> bool:
+        """Whether Synapse builds `servlet` in this process, by its configuration."""
+        if "client" not in _listener_resources(self._hs):
+            return False
+        if servlet is NativeServlet.ADMIN_WINDOW or synapse_version() < _UPLOAD_ON_WORKERS:
+            return self.is_main_process
+        return True
+
+    def serve_json(
+        self, path: str, on_get: Callable[[SynapseRequest], Awaitable[tuple[int, Any]]]
+    ) -> None:
+        """Serve `GET` on `path` and every path below it (a new top-level path: Synapse's own
+        resources cannot take module resources beneath them) with JSON answers."""
+        self._api.register_web_resource(path, _JsonResource(self._clock, on_get))
+
+    # Users.
+
+    def is_mine(self, user_id: str) -> bool:
+        return self._api.is_mine(user_id)
+
+    async def existing_user(self, user_id: str) -> str | None:
+        """The user's ID as registered (Synapse matches IDs case-insensitively), or None."""
+        return await self._api.check_user_exists(user_id)
+
+    # Time, background work and the database.
+
+    def now_ms(self) -> int:
+        return int(self._clock.time_msec())
+
+    def call_later(self, delay_s: float, callback: Callable[..., object], *args: Any) -> Any:
+        """The reactor's `callLater`: the callback runs in no logcontext. Synapse's own
+        `Clock.call_later` changed its signature between the supported releases."""
+        reactor: Any = self._hs.get_reactor()
+        return reactor.callLater(delay_s, callback, *args)
+
+    def stop(self) -> None:
+        """Stop the homeserver."""
+        reactor: Any = self._hs.get_reactor()
+        reactor.stop()
+
+    def run_in_background(
+        self, desc: str, func: Callable[..., Awaitable[object]], *args: Any
+    ) -> None:
+        run_in_background(self._api, desc, func, *args)
+
+    def run_periodically(self, desc: str, func: Callable[[], Awaitable[object]], ms: int) -> None:
+        """Run `func` every `ms` milliseconds in this process."""
+        self._api.looping_background_call(func, ms, desc=desc, run_on_all_instances=True)
+
+    async def run_db_interaction(self, desc: str, func: Callable[..., T], *args: Any) -> T:
+        """Run `func(cursor, *args)` in one database transaction."""
+        return await self._api.run_db_interaction(desc, func, *args)

@@ -18,6 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from synapse_xsign_uia import metrics
+from synapse_xsign_uia.outcomes import AdminAction, UploadOutcome, UploadResult
 from tests.harness.client import CrossSigningKeys, SigningKeyPair, User, register_user
 from tests.harness.federation import StaticFederationServer
 from tests.harness.server import SynapseServer, free_port
@@ -72,22 +73,24 @@ def test_one_set_of_counters_per_process() -> None:
     server_name = "instances.test"
     first = metrics.for_server(server_name)
     assert metrics.for_server(server_name) is first
-    first.admin_window(metrics.GRANT)
+    first.admin_window(AdminAction.GRANT)
     # A second copy of the module's code takes the registered counters over.
     reloaded = importlib.reload(metrics)
-    reloaded.for_server(server_name).admin_window(reloaded.GRANT)
+    reloaded.for_server(server_name).admin_window(AdminAction.GRANT)
     # A homeserver in the same process counts on its own series.
-    reloaded.for_server("other.test").admin_window(reloaded.GRANT)
-    grants = sample(metrics.ADMIN_WINDOW, server_name=server_name, action=metrics.GRANT)
+    reloaded.for_server("other.test").admin_window(AdminAction.GRANT)
+    grants = sample(metrics.ADMIN_WINDOW, server_name=server_name, action="grant")
     assert grants == 2
-    assert sample(metrics.ADMIN_WINDOW, server_name="other.test", action=metrics.GRANT) == 1
+    assert sample(metrics.ADMIN_WINDOW, server_name="other.test", action="grant") == 1
 
 
 def test_unknown_label_values_are_folded() -> None:
     counters = metrics.for_server("fold.test")
-    counters.upload_decision("no_such_rule", "uploaded")
-    counters.resync_request("no_such_outcome")
-    counters.admin_window("no_such_action")
+    # The types say no caller can pass these; the labels stay bounded all the same.
+    unknown: Any = "no_such_value"
+    counters.upload_decision(unknown, UploadResult(UploadOutcome.UPLOADED))
+    counters.resync_request(unknown)
+    counters.admin_window(unknown)
     assert sample(
         metrics.UPLOAD_DECISIONS, server_name="fold.test", rule="other", outcome="uploaded"
     )

@@ -21,7 +21,6 @@ import pytest
 import synapse
 from synapse.module_api.errors import ConfigError
 
-from synapse_xsign_uia import _synapse
 from synapse_xsign_uia._synapse import parse_version
 from synapse_xsign_uia.config import DEFAULT_NOTICE_MESSAGE, parse_config
 from synapse_xsign_uia.notice import (
@@ -34,6 +33,7 @@ from synapse_xsign_uia.notice import (
     notice_content,
 )
 from synapse_xsign_uia.policy import Rule
+from synapse_xsign_uia.store import Store
 from tests.conftest import ServerFactory
 from tests.harness.client import CrossSigningKeys, User, register_user
 from tests.harness.server import SynapseServer
@@ -107,13 +107,8 @@ def test_time_is_utc() -> None:
 def test_enabled_without_server_notices_is_refused_by_the_check() -> None:
     enabled = parse_config(ENABLED).notify_on_reset
 
-    def homeserver(mxid: str | None, worker_app: str | None = None) -> Any:
-        return SimpleNamespace(
-            config=SimpleNamespace(
-                servernotices=SimpleNamespace(server_notices_mxid=mxid),
-                worker=SimpleNamespace(worker_app=worker_app),
-            )
-        )
+    def homeserver(mxid: str | None, *, main: bool = True) -> Any:
+        return SimpleNamespace(is_main_process=main, notices=SimpleNamespace(sender=lambda: mxid))
 
     with pytest.raises(ConfigError) as info:
         check_server_notices(enabled, homeserver(None))
@@ -121,22 +116,52 @@ def test_enabled_without_server_notices_is_refused_by_the_check() -> None:
     assert "server_notices" in str(info.value)
     check_server_notices(enabled, homeserver("@notices:hs"))
     # A worker only queues: the main process, which sends, is the one that needs it.
-    check_server_notices(enabled, homeserver(None, "synapse.app.generic_worker"))
+    check_server_notices(enabled, homeserver(None, main=False))
     check_server_notices(parse_config({}).notify_on_reset, homeserver(None))
 
 
 # Delivery, with stand-ins for the homeserver and an SQLite database for the queue.
 
 
-class FakeApi:
-    """The parts of `ModuleApi` the notifier uses; transactions run on one SQLite
-    connection shared by every "process"."""
+class FakeNotices:
+    """Synapse's server notices."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.failing = failing
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def send(self, user_id: str, content: dict[str, Any]) -> None:
+        if self.failing:
+            raise RuntimeError("the event persister is away")
+        self.sent.append((user_id, content))
+
+
+class FakeSynapse:
+    """The parts of `Synapse` the notifier and the store use. Transactions run on one SQLite
+    connection shared by every "process"; what is started in the background is collected
+    as coroutines, for the test to run."""
 
     server_name = "hs"
+    with_workers = True
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, notices: FakeNotices, background: list[Any], *, worker: bool
+    ) -> None:
         self.db = db
-        self.looping_calls: list[tuple[Any, float]] = []
+        self.notices = notices
+        self.is_main_process = not worker
+        self.background = background
+        self.periodic: list[tuple[Any, float]] = []
+        self._clock = itertools.count(1_714_566_896_789)
+
+    def now_ms(self) -> int:
+        return next(self._clock)
+
+    def run_in_background(self, desc: str, func: Any, *args: Any) -> None:
+        self.background.append(func(*args))
+
+    def run_periodically(self, desc: str, func: Any, ms: int) -> None:
+        self.periodic.append((func, ms))
 
     async def run_db_interaction(self, desc: str, func: Any, *args: Any) -> Any:
         cursor = self.db.cursor()
@@ -148,50 +173,27 @@ class FakeApi:
             self.db.rollback()
             raise
 
-    def looping_background_call(self, f: Any, msec: float, **kwargs: Any) -> None:
-        self.looping_calls.append((f, msec))
-
-
-class FakeManager:
-    def __init__(self, failing: bool = False) -> None:
-        self.failing = failing
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    async def send_notice(self, user_id: str, content: dict[str, Any]) -> None:
-        if self.failing:
-            raise RuntimeError("the event persister is away")
-        self.sent.append((user_id, content))
-
-
-def process(manager: FakeManager, *, worker: bool = False) -> Any:
-    hs = SimpleNamespace(
-        config=SimpleNamespace(
-            worker=SimpleNamespace(worker_app="synapse.app.generic_worker" if worker else None)
-        ),
-        get_server_notices_manager=lambda: manager,
-    )
-    clock = itertools.count(1_714_566_896_789)
-    return SimpleNamespace(hs=hs, with_workers=True, now_ms=lambda: next(clock))
-
 
 @pytest.fixture
-def background(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """What the notifier hands to Synapse's background runner, as coroutines to run."""
-    started: list[Any] = []
-
-    def run(api: Any, desc: str, func: Any, *args: Any) -> None:
-        started.append(func(*args))
-
-    monkeypatch.setattr(_synapse, "run_as_background_process", run)
-    return started
+def background() -> list[Any]:
+    """What the notifier starts in the background, as coroutines to run."""
+    return []
 
 
-def notifier(
-    api: FakeApi, manager: FakeManager, module_config: Any = ENABLED, *, worker: bool = False
-) -> ResetNotifier:
+def notifier(process: FakeSynapse, module_config: Any = ENABLED) -> ResetNotifier:
     config = parse_config(module_config).notify_on_reset
-    stand_in: Any = api
-    return ResetNotifier(config, stand_in, process(manager, worker=worker))
+    stand_in: Any = process
+    return ResetNotifier(config, stand_in, Store(stand_in))
+
+
+def process(
+    db: sqlite3.Connection,
+    background: list[Any],
+    notices: FakeNotices | None = None,
+    *,
+    worker: bool = False,
+) -> FakeSynapse:
+    return FakeSynapse(db, notices or FakeNotices(), background, worker=worker)
 
 
 def queued(db: sqlite3.Connection) -> list[tuple[str, int]]:
@@ -199,14 +201,14 @@ def queued(db: sqlite3.Connection) -> list[tuple[str, int]]:
 
 
 def test_notified_rules(background: list[Any]) -> None:
-    manager = FakeManager()
+    notices = FakeNotices()
     with closing(sqlite3.connect(":memory:")) as db:
         for rule in Rule:
-            notifier(FakeApi(db), manager).master_replaced(f"@{rule.value}:hs", rule)
-        notifier(FakeApi(db), manager, {}).master_replaced("@off:hs", Rule.UIA)
+            notifier(process(db, background, notices)).master_replaced(f"@{rule.value}:hs", rule)
+        notifier(process(db, background, notices), {}).master_replaced("@off:hs", Rule.UIA)
         for coroutine in background:
             asyncio.run(coroutine)
-    assert [user_id for user_id, _ in manager.sent] == [
+    assert [user_id for user_id, _ in notices.sent] == [
         f"@{rule.value}:hs" for rule in Rule if rule in METHODS
     ]
 
@@ -215,20 +217,22 @@ def test_a_failing_notice_is_logged_not_raised(
     background: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     with closing(sqlite3.connect(":memory:")) as db:
-        notifier(FakeApi(db), FakeManager(failing=True)).master_replaced("@a:hs", Rule.UIA)
+        failing = process(db, background, FakeNotices(failing=True))
+        notifier(failing).master_replaced("@a:hs", Rule.UIA)
         asyncio.run(background.pop())
     assert "Could not send the identity-reset notice to @a:hs (rule=uia)" in caplog.text
 
 
 def test_a_worker_queues_and_the_main_process_sends(background: list[Any]) -> None:
-    main_manager = FakeManager()
+    main_notices = FakeNotices()
     with closing(sqlite3.connect(":memory:")) as db:
-        worker_api, main_api = FakeApi(db), FakeApi(db)
-        on_worker = notifier(worker_api, FakeManager(), worker=True)
-        on_main = notifier(main_api, main_manager)
+        worker = process(db, background, worker=True)
+        main = process(db, background, main_notices)
+        on_worker = notifier(worker)
+        on_main = notifier(main)
         # Only the main process looks for queued notices.
-        assert worker_api.looping_calls == []
-        assert [ms for _, ms in main_api.looping_calls] == [DRAIN_INTERVAL_MS]
+        assert worker.periodic == []
+        assert [ms for _, ms in main.periodic] == [DRAIN_INTERVAL_MS]
 
         on_worker.master_replaced("@first:hs", Rule.UIA)
         on_worker.master_replaced("@second:hs", Rule.REPLACEMENT_WINDOW)
@@ -238,17 +242,17 @@ def test_a_worker_queues_and_the_main_process_sends(background: list[Any]) -> No
 
         asyncio.run(on_main.send_queued())
         assert queued(db) == []
-    assert [user_id for user_id, _ in main_manager.sent] == ["@first:hs", "@second:hs"]
-    assert METHODS[Rule.REPLACEMENT_WINDOW] in main_manager.sent[1][1]["body"]
+    assert [user_id for user_id, _ in main_notices.sent] == ["@first:hs", "@second:hs"]
+    assert METHODS[Rule.REPLACEMENT_WINDOW] in main_notices.sent[1][1]["body"]
 
 
 def test_a_queued_notice_is_retried_then_dropped(
     background: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     with closing(sqlite3.connect(":memory:")) as db:
-        notifier(FakeApi(db), FakeManager(), worker=True).master_replaced("@a:hs", Rule.UIA)
+        notifier(process(db, background, worker=True)).master_replaced("@a:hs", Rule.UIA)
         asyncio.run(background.pop())
-        on_main = notifier(FakeApi(db), FakeManager(failing=True))
+        on_main = notifier(process(db, background, FakeNotices(failing=True)))
         for attempt in range(1, MAX_ATTEMPTS):
             asyncio.run(on_main.send_queued())
             assert queued(db) == [("@a:hs", attempt)]

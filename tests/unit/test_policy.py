@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from synapse_xsign_uia.policy import (
+    RESETTING_RULES,
     Action,
+    Consequences,
     Decision,
     Facts,
     Rule,
     Toggles,
     changed_keys,
+    consequences,
     decide,
+    decide_early,
     is_identical,
     requested_keys,
 )
@@ -128,6 +133,56 @@ def test_row7_uia() -> None:
     assert decide(ON, f) == Decision(Rule.UIA, Action.REQUIRE_UIA)
 
 
+def test_row7_refused_when_the_requester_cannot_do_uia() -> None:
+    # An application service acting for a user has no access token of the user's.
+    f = facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, can_do_uia=False)
+    assert decide(ON, f) == Decision(Rule.UIA, Action.REFUSE)
+    # Every exemption still applies before it.
+    assert decide(ON, attrs.evolve(f, is_appservice=True)).action is Action.UPLOAD
+    assert decide(ON, attrs.evolve(f, window_expires_ms=1, now_ms=0)).action is Action.UPLOAD
+    assert decide(ON, attrs.evolve(f, delegated_auth=True)).action is Action.DELEGATE
+
+
+def test_an_identical_reupload_missing_from_the_cache_refreshes_it() -> None:
+    f = facts(requested={"master": MASTER}, stored={"master": MASTER}, cache_missed=True)
+    assert decide(ON, f) == Decision(Rule.IDENTICAL_REUPLOAD, Action.NOTHING, refresh_cache=True)
+    f = facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, cache_missed=True)
+    assert decide(ON, f).refresh_cache is False
+
+
+def test_early_decisions_write_nothing_and_need_the_cache() -> None:
+    assert decide_early(ON, {}, None) == Decision(Rule.NO_KEYS, Action.NOTHING)
+    assert decide_early(OFF, {}, {"master": MASTER}) == Decision(Rule.NO_KEYS, Action.NOTHING)
+    requested = {"master": MASTER}
+    assert decide_early(ON, requested, {"master": MASTER}) == Decision(
+        Rule.IDENTICAL_REUPLOAD, Action.NOTHING
+    )
+    # Not cached, different, or the toggle off: decided under the lock.
+    assert decide_early(ON, requested, None) is None
+    assert decide_early(ON, requested, {}) is None
+    assert decide_early(ON, {"master": OTHER_MASTER}, {"master": MASTER}) is None
+    assert decide_early(OFF, requested, {"master": MASTER}) is None
+
+
+def test_consequences() -> None:
+    stored = {"master": MASTER, "self_signing": SSK}
+    new_master = {"master": OTHER_MASTER}
+    new_ssk = {"self_signing": OTHER_SSK}
+    assert consequences(Rule.UIA, stored, new_master) == Consequences(
+        resets_identity=True, through_window=False, spends_window=False
+    )
+    assert consequences(Rule.UIA, stored, new_ssk) == Consequences(False, False, False)
+    assert consequences(Rule.FIRST_UPLOAD, {}, new_master) == Consequences(False, False, False)
+    assert consequences(Rule.REPLACEMENT_WINDOW, stored, new_master) == Consequences(
+        resets_identity=True, through_window=True, spends_window=True
+    )
+    # New sub-keys alone leave the window open for the reset it was granted for.
+    assert consequences(Rule.REPLACEMENT_WINDOW, stored, new_ssk) == Consequences(
+        resets_identity=False, through_window=True, spends_window=False
+    )
+    assert consequences(Rule.APPSERVICE, stored, new_master).resets_identity
+
+
 def test_requested_keys_ignores_null_and_other_fields() -> None:
     body = {"master_key": MASTER, "self_signing_key": None, "auth": {"type": "x"}, "other": 1}
     assert requested_keys(body) == {"master": MASTER}
@@ -156,7 +211,28 @@ all_facts = st.builds(
     delegated_auth=st.booleans(),
     window_expires_ms=st.none() | st.integers(min_value=0, max_value=100),
     now_ms=st.integers(min_value=0, max_value=100),
+    can_do_uia=st.booleans(),
+    cache_missed=st.booleans(),
 )
+
+
+@given(toggles, key_maps, st.none() | key_maps)
+def test_an_early_decision_is_the_one_made_under_the_lock(
+    t: Toggles, requested: dict[str, Any], cached: dict[str, Any] | None
+) -> None:
+    """Answering from the cache gives what the full table gives over the same stored keys."""
+    early = decide_early(t, requested, cached)
+    if early is not None:
+        assert early == decide(t, facts(requested=requested, stored=cached or {}))
+
+
+@given(toggles, all_facts)
+def test_only_a_resetting_rule_resets_an_identity(t: Toggles, f: Facts) -> None:
+    decision = decide(t, f)
+    written = changed_keys(f.requested, f.stored)
+    if consequences(decision.rule, f.stored, written).resets_identity:
+        assert decision.rule in RESETTING_RULES
+        assert "master" in f.stored and "master" in written
 
 
 @given(toggles, all_facts)

@@ -11,25 +11,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synapse_xsign_uia._synapse.device_lists import (
+    FailureReason,
     ResyncFailure,
     _classify_by_backoff,
     classify_fetch_error,
 )
+from synapse_xsign_uia.outcomes import ResyncOutcome
 from synapse_xsign_uia.resync import (
-    FAILED,
     REASON_FIELD,
     REMOTE_STATUS_FIELD,
-    TIMED_OUT,
     Cooldown,
-    InvalidUserId,
     Outcome,
     RateLimiter,
     SingleFlight,
-    decode_user_segment,
     failure_error,
-    parse_user_id,
     route_user_segment,
 )
+from synapse_xsign_uia.user_ids import InvalidUserId, parse_user_id
+from synapse_xsign_uia.user_ids import decode_path_segment as decode_user_segment
 
 # --- User IDs ---------------------------------------------------------------------------
 
@@ -277,12 +276,12 @@ def test_single_flight() -> None:
     assert flights.join("u", "w2") is False
     assert flights.join("u", "w3") is False
     assert flights.join("v", "x1") is True
-    assert flights.waiting("u") == 3
     flights.leave("u", "w2")
     flights.leave("u", "not-a-waiter")
     assert flights.finish("u") == ["w1", "w3"]
-    assert not flights.in_flight("u")
-    assert flights.in_flight("v")
+    # Another key's flight goes on.
+    assert flights.join("v", "x2") is False
+    assert flights.finish("v") == ["x1", "x2"]
     # The next request starts a new flight.
     assert flights.join("u", "w4") is True
 
@@ -292,7 +291,6 @@ def test_flight_outlives_its_waiters() -> None:
     assert flights.join("u", "w1") is True
     flights.leave("u", "w1")
     # Every waiter gave up, but the fetch still runs: a newcomer joins it.
-    assert flights.in_flight("u")
     assert flights.join("u", "w2") is False
     assert flights.finish("u") == ["w2"]
     assert flights.finish("u") == []
@@ -317,7 +315,7 @@ def test_one_starter_per_flight(ops: list[tuple[str, str]]) -> None:
 
 
 def failed(reason: str, detail: str = "x", **kwargs: int) -> Outcome:
-    return Outcome(FAILED, ResyncFailure(reason, detail, **kwargs))
+    return Outcome(ResyncOutcome.FAILED, ResyncFailure(FailureReason(reason), detail, **kwargs))
 
 
 def test_backoff_says_when() -> None:
@@ -349,7 +347,9 @@ def test_remote_error_names_the_status() -> None:
 
 
 def test_client_timeout() -> None:
-    message, fields = failure_error("@a:remote", "remote", Outcome(TIMED_OUT), 0, 2500)
+    message, fields = failure_error(
+        "@a:remote", "remote", Outcome(ResyncOutcome.TIMED_OUT), 0, 2500
+    )
     assert fields == {REASON_FIELD: "timeout"}
     assert "within 2.5s" in message
     assert "in the background" in message
@@ -366,11 +366,11 @@ def test_every_reason_reads_as_a_sentence(reason: str) -> None:
 def test_classify_by_backoff() -> None:
     """Where this process did not see the federation request fail (on a worker), the
     destination's backoff tells what happened."""
-    assert _classify_by_backoff(None, 1000).reason == "remote_error"
+    assert _classify_by_backoff(None, 1000).reason.value == "remote_error"
     earlier = _classify_by_backoff((500, 9000), 1000)
-    assert (earlier.reason, earlier.retry_at_ms) == ("backoff", 9000)
+    assert (earlier.reason.value, earlier.retry_at_ms) == ("backoff", 9000)
     now = _classify_by_backoff((1200, 9000), 1000)
-    assert (now.reason, now.retry_at_ms) == ("unreachable", 9000)
+    assert (now.reason.value, now.retry_at_ms) == ("unreachable", 9000)
 
 
 # --- What Synapse's federation exceptions mean ------------------------------------------
@@ -386,13 +386,13 @@ def test_classify_backoff() -> None:
     from synapse.util.retryutils import NotRetryingDestination
 
     failure = classify_fetch_error(NotRetryingDestination(1000, 5000, "remote"))
-    assert (failure.reason, failure.retry_at_ms) == ("backoff", 6000)
+    assert (failure.reason.value, failure.retry_at_ms) == ("backoff", 6000)
 
 
 def test_classify_denied() -> None:
     from synapse.api.errors import FederationDeniedError
 
-    assert classify_fetch_error(FederationDeniedError("remote")).reason == "denied"
+    assert classify_fetch_error(FederationDeniedError("remote")).reason.value == "denied"
 
 
 def test_classify_http_errors() -> None:
@@ -401,13 +401,13 @@ def test_classify_http_errors() -> None:
     not_found = HttpResponseException(404, "Not Found", b'{"errcode": "M_UNRECOGNIZED"}')
     failure = classify_fetch_error(not_found)
     assert failure == ResyncFailure(
-        "remote_error", "it answered HTTP 404 M_UNRECOGNIZED", remote_status=404
+        FailureReason.REMOTE_ERROR, "it answered HTTP 404 M_UNRECOGNIZED", remote_status=404
     )
     # Synapse wraps 5xx answers, which it retries, in RequestSendFailed.
     server_error = HttpResponseException(502, "Bad Gateway", b"<html>")
     failure = classify_fetch_error(_send_failed(server_error))
     assert failure == ResyncFailure(
-        "remote_error", "it answered HTTP 502 Bad Gateway", remote_status=502
+        FailureReason.REMOTE_ERROR, "it answered HTTP 502 Bad Gateway", remote_status=502
     )
 
 
@@ -422,17 +422,17 @@ def test_classify_network_errors() -> None:
     failure_cls: Any = twisted_failure.Failure
     never_received: Any = client.ResponseNeverReceived
 
-    assert classify_fetch_error(_send_failed(defer.TimeoutError())).reason == "timeout"
-    assert classify_fetch_error(_send_failed(error.TimeoutError())).reason == "timeout"
+    assert classify_fetch_error(_send_failed(defer.TimeoutError())).reason.value == "timeout"
+    assert classify_fetch_error(_send_failed(error.TimeoutError())).reason.value == "timeout"
     refused = classify_fetch_error(_send_failed(error.ConnectionRefusedError()))
-    assert refused.reason == "unreachable"
+    assert refused.reason.value == "unreachable"
     assert refused.detail == "Connection was refused by other side"
     lost = never_received([failure_cls(error.ConnectionLost("the peer hung up"))])
     failure = classify_fetch_error(_send_failed(lost))
-    assert failure.reason == "unreachable"
+    assert failure.reason.value == "unreachable"
     assert "the peer hung up" in failure.detail
 
 
 def test_classify_anything_else() -> None:
     failure = classify_fetch_error(KeyError("stream_id"))
-    assert failure.reason == "error"
+    assert failure.reason.value == "error"

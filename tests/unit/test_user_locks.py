@@ -15,7 +15,7 @@ from synapse.module_api import make_deferred_yieldable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from synapse_xsign_uia._synapse.uploads import _UserLocks
+from synapse_xsign_uia._synapse.locks import UserLocks
 
 
 def new_context(name: str) -> Any:
@@ -31,7 +31,7 @@ class Holder:
     """A request, in a logging context of its own, that takes the lock for `key` and keeps
     it until `leave` fires."""
 
-    def __init__(self, locks: _UserLocks, key: str, log: list[str], name: str) -> None:
+    def __init__(self, locks: UserLocks, key: str, log: list[str], name: str) -> None:
         self.leave: defer.Deferred[None] = defer.Deferred()
         self.name = name
         self.context_inside: bool | None = None
@@ -58,7 +58,7 @@ def release(holder: Holder) -> None:
 
 
 def test_one_holder_per_user_in_arrival_order() -> None:
-    locks = _UserLocks()
+    locks = UserLocks()
     log: list[str] = []
     first, second, third = (Holder(locks, "@a:hs", log, name) for name in ("1", "2", "3"))
     assert log == ["1 in"]
@@ -72,7 +72,7 @@ def test_one_holder_per_user_in_arrival_order() -> None:
 
 
 def test_other_users_do_not_wait() -> None:
-    locks = _UserLocks()
+    locks = UserLocks()
     log: list[str] = []
     alice = Holder(locks, "@alice:hs", log, "alice")
     bob = Holder(locks, "@bob:hs", log, "bob")
@@ -83,7 +83,7 @@ def test_other_users_do_not_wait() -> None:
 
 
 def test_a_waiter_that_gives_up_leaves_the_queue() -> None:
-    locks = _UserLocks()
+    locks = UserLocks()
     log: list[str] = []
     first = Holder(locks, "@a:hs", log, "1")
     second = Holder(locks, "@a:hs", log, "2")
@@ -98,7 +98,7 @@ def test_a_waiter_that_gives_up_leaves_the_queue() -> None:
 
 
 def test_an_error_inside_releases_the_lock() -> None:
-    locks = _UserLocks()
+    locks = UserLocks()
     log: list[str] = []
     first = Holder(locks, "@a:hs", log, "1")
     second = Holder(locks, "@a:hs", log, "2")
@@ -110,7 +110,7 @@ def test_an_error_inside_releases_the_lock() -> None:
 
 
 def test_logging_contexts_stay_with_their_holders() -> None:
-    locks = _UserLocks()
+    locks = UserLocks()
     log: list[str] = []
     outside = current_context()
     holders = [Holder(locks, "@a:hs", log, name) for name in ("1", "2", "3")]

@@ -1,16 +1,15 @@
-"""Reading a request as Synapse would, with a 4xx where Synapse would fail with a 500:
-its body, and who sent it."""
+"""Who sent a request, as Synapse authenticates it, with a 401 where Synapse would fail with
+a 500 on a malformed access token."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from synapse.module_api.errors import SynapseError
 
 from synapse_xsign_uia._synapse.support import resolve
-from synapse_xsign_uia.body import read_json_object
-from synapse_xsign_uia.validation import RequestError
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -18,16 +17,33 @@ if TYPE_CHECKING:
     from synapse.server import HomeServer
 
 
-def parse_json_object(request: SynapseRequest, *, allow_empty_body: bool = False) -> dict[str, Any]:
-    """The request's JSON body, read strictly (see `body.py`): Synapse's own reader keeps the
-    last of duplicate keys and lets `1e999` through to fail in storage."""
-    try:
-        return read_json_object(request.content, allow_empty_body=allow_empty_body)
-    except RequestError as e:
-        raise SynapseError(e.status, e.message, e.errcode) from e
+@attrs.frozen
+class Caller:
+    """The authenticated sender of a request."""
+
+    user_id: str
+    # An application service acting for the user.
+    is_appservice: bool
+    # Whether the request came with an access token of the user's own (an application
+    # service's has none), which Synapse's UIA needs.
+    has_user_token: bool
+    # Synapse's requester, handed back to the seam's verbs that need it.
+    requester: Any = attrs.field(repr=False, eq=False)
 
 
-def rewind_request(request: SynapseRequest) -> None:
+def _caller(requester: Any) -> Caller:
+    return Caller(
+        user_id=requester.user.to_string(),
+        # `app_service` up to Synapse 1.140, `app_service_id` after.
+        is_appservice=bool(
+            getattr(requester, "app_service_id", None) or getattr(requester, "app_service", None)
+        ),
+        has_user_token=bool(getattr(requester, "access_token_id", None)),
+        requester=requester,
+    )
+
+
+def rewind(request: SynapseRequest) -> None:
     """Let a native handler read the request body and authenticate the request again.
 
     Synapse records the requester on the request once and asserts that it happens only
@@ -65,8 +81,6 @@ def _unparseable_as_guest_token(request: SynapseRequest) -> bool:
 
 
 async def _authenticate(request: SynapseRequest, get_user: Callable[[], Awaitable[Any]]) -> Any:
-    """Synapse's authentication of the request, answering 401 where Synapse would fail
-    with a 500 on a malformed access token."""
     invalid_token = resolve("synapse.api.errors:InvalidClientTokenError")
     # Synapse decodes the token as ASCII without catching the error.
     if any(not token.isascii() for token in _token_candidates(request)):
@@ -81,15 +95,25 @@ async def _authenticate(request: SynapseRequest, get_user: Callable[[], Awaitabl
         raise
 
 
-async def get_user_by_req(api: ModuleApi, request: SynapseRequest) -> Any:
-    """`ModuleApi.get_user_by_req`, with a 401 for an access token Synapse cannot parse."""
-    return await _authenticate(request, lambda: api.get_user_by_req(request))
+class Requests:
+    """Authentication of the requests the module serves."""
 
+    def __init__(self, api: ModuleApi, hs: HomeServer) -> None:
+        self._api = api
+        self._auth: Any = hs.get_auth()
 
-async def require_admin(hs: HomeServer, request: SynapseRequest) -> Any:
-    """The requester, if a server admin; Synapse's own check, so that tokens that are admin by
-    scope rather than by the `admin` flag (delegated auth) keep working."""
-    auth: Any = hs.get_auth()
-    requester = await _authenticate(request, lambda: auth.get_user_by_req(request))
-    await resolve("synapse.rest.admin._base:assert_user_is_admin")(auth, requester)
-    return requester
+    async def caller(self, request: SynapseRequest) -> Caller:
+        """The sender of `request` (`ModuleApi.get_user_by_req`)."""
+        return _caller(await _authenticate(request, lambda: self._api.get_user_by_req(request)))
+
+    async def admin(self, request: SynapseRequest) -> Caller:
+        """The sender of `request` if a server admin, else 403; Synapse's own check, so that
+        tokens that are admin by scope rather than by the `admin` flag (delegated auth)
+        count too."""
+        requester = await _authenticate(request, lambda: self._auth.get_user_by_req(request))
+        await resolve("synapse.rest.admin._base:assert_user_is_admin")(self._auth, requester)
+        return _caller(requester)
+
+    async def is_admin(self, caller: Caller) -> bool:
+        """Synapse's own test, so that admins by token scope (delegated auth) count too."""
+        return bool(await self._auth.is_server_admin(caller.requester))

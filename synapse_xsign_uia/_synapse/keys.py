@@ -1,0 +1,193 @@
+"""A user's cross-signing keys in Synapse: the per-user lock, the stored state read past
+Synapse's caches, Synapse's UIA, its key upload, and the replacement-window column of the
+master key's row."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from synapse_xsign_uia._synapse.locks import UserLocks
+from synapse_xsign_uia._synapse.reactor import run_in_background
+from synapse_xsign_uia._synapse.requests import Caller
+from synapse_xsign_uia._synapse.support import keys_cache_function, resolve
+
+if TYPE_CHECKING:
+    from synapse.http.site import SynapseRequest
+    from synapse.module_api import ModuleApi
+    from synapse.server import HomeServer
+
+_LOCK_NAME = "synapse_xsign_uia_upload"
+_NOT_CACHED = object()
+
+JsonKey = Mapping[str, Any]
+
+
+@attrs.frozen
+class StoredState:
+    """The user's cross-signing keys as stored, read fresh from the database."""
+
+    keys: Mapping[str, JsonKey]
+    # When the admin-granted replacement window of the stored master key ends.
+    window_expires_ms: int | None
+    # Which of the public keys asked about are device IDs of the user already.
+    taken_device_ids: frozenset[str]
+
+
+@attrs.frozen
+class MasterKeyRow:
+    """One stored master key of a user, with its replacement window."""
+
+    stream_id: int
+    public_key: str  # unpadded base64
+    window_expires_ms: int | None
+
+
+def latest_master_keys(cursor: Any, user_id: str, count: int = 1) -> list[MasterKeyRow]:
+    """The user's latest `count` master keys, newest first, inside a transaction."""
+    cursor.execute(
+        "SELECT stream_id, keydata, updatable_without_uia_before_ms FROM e2e_cross_signing_keys"
+        " WHERE user_id = ? AND keytype = 'master' ORDER BY stream_id DESC LIMIT ?",
+        (user_id, count),
+    )
+    return [
+        MasterKeyRow(
+            int(stream_id), str(next(iter(json.loads(keydata)["keys"].values()))), expires_ms
+        )
+        for stream_id, keydata, expires_ms in cursor.fetchall()
+    ]
+
+
+def set_window_expiry(cursor: Any, user_id: str, row: MasterKeyRow, expires_ms: int | None) -> None:
+    """Set (or clear, with None) the replacement window of one master key row, inside a
+    transaction. Synapse's own column: under delegated auth Synapse reads it too."""
+    cursor.execute(
+        "UPDATE e2e_cross_signing_keys SET updatable_without_uia_before_ms = ?"
+        " WHERE user_id = ? AND keytype = 'master' AND stream_id = ?",
+        (expires_ms, user_id, row.stream_id),
+    )
+
+
+def _stored_state_query(user_id: str, device_ids: Collection[str]) -> tuple[str, tuple[str, ...]]:
+    wanted = sorted(set(device_ids))
+    sql = (
+        "SELECT stream_id, keytype, keydata, updatable_without_uia_before_ms"
+        " FROM e2e_cross_signing_keys WHERE user_id = ?"
+    )
+    if not wanted:
+        return sql, (user_id,)
+    marks = ", ".join("?" for _ in wanted)
+    sql += (
+        " UNION ALL SELECT NULL, NULL, device_id, NULL FROM devices"
+        f" WHERE user_id = ? AND device_id IN ({marks})"
+    )
+    return sql, (user_id, user_id, *wanted)
+
+
+def _stored_state(rows: list[tuple[Any, ...]]) -> StoredState:
+    latest: dict[str, tuple[int, str, int | None]] = {}
+    taken: set[str] = set()
+    for stream_id, key_type, keydata, updatable_before in rows:
+        if key_type is None:
+            taken.add(keydata)
+        elif key_type not in latest or stream_id > latest[key_type][0]:
+            latest[key_type] = (stream_id, keydata, updatable_before)
+    keys = {key_type: json.loads(row[1]) for key_type, row in latest.items()}
+    window = latest["master"][2] if "master" in latest else None
+    return StoredState(keys, window, frozenset(taken))
+
+
+class CrossSigningKeys:
+    """Synapse's handling of cross-signing keys, as verbs."""
+
+    def __init__(self, api: ModuleApi, hs: HomeServer, *, with_workers: bool) -> None:
+        self._api = api
+        self._hs = hs
+        self._store: Any = hs.get_datastores().main
+        self._e2e_keys_handler: Any = hs.get_e2e_keys_handler()
+        self._auth_handler: Any = hs.get_auth_handler()
+        self._with_workers = with_workers
+        # Synapse's cached function behind `get_e2e_cross_signing_keys_bulk`; its cache
+        # maps user ID -> the user's keys by type (None for a user without keys).
+        self._cached_keys_function: Any = keys_cache_function(self._store)
+        self._user_locks = UserLocks()
+        # What `user_interactive_auth` raises while UIA is incomplete; the servlet answers
+        # it with the 401 challenge.
+        self.uia_challenge: type[Exception] = resolve(
+            "synapse.api.errors:InteractiveAuthIncompleteError"
+        )
+
+    def lock(self, user_id: str) -> AbstractAsyncContextManager[None]:
+        """Serialise the writers of one user's keys: in this process always, and across
+        processes with Synapse's database-backed worker lock when there are workers."""
+        if not self._with_workers:
+            return self._user_locks.hold(user_id)
+        return self._process_and_worker_lock(user_id)
+
+    @asynccontextmanager
+    async def _process_and_worker_lock(self, user_id: str) -> AsyncIterator[None]:
+        worker_locks = self._hs.get_worker_locks_handler()
+        # The process lock first: waiters of this process queue here, not in the database.
+        async with self._user_locks.hold(user_id), worker_locks.acquire_lock(_LOCK_NAME, user_id):
+            yield
+
+    def cached(self, user_id: str, key_types: Collection[str]) -> dict[str, JsonKey] | None:
+        """The user's stored keys of `key_types` as Synapse's cache holds them, without a
+        query; None when the cache holds nothing for the user."""
+        hit = self._cached_keys_function.cache.get_immediate(user_id, _NOT_CACHED)
+        if hit is _NOT_CACHED:
+            return None
+        stored = hit or {}
+        return {key_type: stored[key_type] for key_type in key_types if key_type in stored}
+
+    def warm_cache(self, user_id: str) -> None:
+        """Fill Synapse's cache of the user's keys in the background."""
+        run_in_background(
+            self._api,
+            "synapse_xsign_uia_warm_keys_cache",
+            self._store.get_e2e_cross_signing_keys_bulk,
+            [user_id],
+        )
+
+    async def stored_state(self, user_id: str, device_ids: Collection[str]) -> StoredState:
+        """The latest key of each type, the master key's window, and which of `device_ids`
+        the user already has (cross-signing keys take device IDs), read past Synapse's
+        caches, which another worker may not have invalidated yet.
+
+        One statement, so one consistent snapshot without a transaction around it: a
+        transaction costs two more round trips to PostgreSQL.
+        """
+        sql, args = _stored_state_query(user_id, device_ids)
+
+        def txn(cursor: Any) -> StoredState:
+            cursor.execute(sql, args)
+            return _stored_state(cursor.fetchall())
+
+        return await self._store.db_pool.runInteraction(  # type: ignore[no-any-return]
+            "synapse_xsign_uia_stored_state", txn, db_autocommit=True
+        )
+
+    async def user_interactive_auth(
+        self, caller: Caller, request: SynapseRequest, body: Mapping[str, Any], description: str
+    ) -> None:
+        """Synapse's own UIA, every stage the server offers, never the grace-period skip.
+        Raises Synapse's incomplete-UIA error, which the servlet answers with a 401."""
+        if "auth" in body and body["auth"] is None:
+            # Synapse 1.98 fails on `"auth": null` with a 500; later releases treat it as
+            # absent, as this does on every release.
+            body = {field: value for field, value in body.items() if field != "auth"}
+        await self._auth_handler.validate_user_via_ui_auth(
+            caller.requester, request, dict(body), description, can_skip_ui_auth=False
+        )
+
+    async def upload(self, user_id: str, fields: Mapping[str, JsonKey]) -> None:
+        """Synapse's upload of the keys in `fields` (request body fields)."""
+        if self._with_workers:
+            # Synapse verifies new sub-keys against the stored master key through its cache,
+            # which may not yet have seen a replacement made by another process.
+            self._cached_keys_function.invalidate((user_id,))
+        await self._e2e_keys_handler.upload_signing_keys_for_user(user_id, dict(fields))

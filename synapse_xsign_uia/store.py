@@ -1,0 +1,223 @@
+"""Every query of the module's own tables, and the transactions that combine them with the
+replacement-window column of Synapse's master-key rows.
+
+The tables are created at start-up (`create_tables`, idempotent). An operation that comes
+before that has finished creates them itself first, so that no request depends on the
+order in which the start-up work and the first requests reach the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from synapse_xsign_uia._synapse import latest_master_keys, set_window_expiry
+
+if TYPE_CHECKING:
+    from synapse_xsign_uia._synapse import Synapse
+
+logger = logging.getLogger(__name__)
+
+# Who granted which window: Synapse's column holds only the expiry, and the replacement that
+# uses a window may happen on another worker or after a restart.
+GRANTS_TABLE = "synapse_xsign_uia_replacement_grants"
+# Identity-reset notices queued by workers for the main process, which alone sends them.
+NOTICES_TABLE = "synapse_xsign_uia_reset_notices"
+
+_TABLES = {
+    GRANTS_TABLE: (
+        "user_id TEXT NOT NULL PRIMARY KEY, master_key TEXT NOT NULL,"
+        " expires_ms BIGINT NOT NULL, granted_by TEXT NOT NULL, granted_at_ms BIGINT NOT NULL"
+    ),
+    NOTICES_TABLE: (
+        "notice_id TEXT NOT NULL PRIMARY KEY, user_id TEXT NOT NULL, rule TEXT NOT NULL,"
+        " content TEXT NOT NULL, queued_at_ms BIGINT NOT NULL, attempts INTEGER NOT NULL"
+    ),
+}
+# How many queued notices one drain of the queue reads.
+NOTICE_BATCH = 100
+
+
+@attrs.frozen
+class Window:
+    """The replacement window of a user's latest master key, as stored."""
+
+    master_key: str  # the unpadded-base64 public key it was opened for
+    expires_ms: int | None
+
+
+@attrs.frozen
+class QueuedNotice:
+    notice_id: str
+    user_id: str
+    rule: str
+    content: dict[str, Any]
+    attempts: int
+
+
+def _create_tables(cursor: Any) -> None:
+    for name, columns in _TABLES.items():
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+
+
+def _grant(
+    cursor: Any, user_id: str, expires_ms: int, granted_by: str, now_ms: int
+) -> Window | None:
+    rows = latest_master_keys(cursor, user_id)
+    if not rows:
+        return None
+    set_window_expiry(cursor, user_id, rows[0], expires_ms)
+    cursor.execute(f"DELETE FROM {GRANTS_TABLE} WHERE user_id = ?", (user_id,))
+    cursor.execute(
+        f"INSERT INTO {GRANTS_TABLE} (user_id, master_key, expires_ms, granted_by, granted_at_ms)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (user_id, rows[0].public_key, expires_ms, granted_by, now_ms),
+    )
+    return Window(rows[0].public_key, expires_ms)
+
+
+def _revoke(cursor: Any, user_id: str) -> Window | None:
+    rows = latest_master_keys(cursor, user_id)
+    if not rows:
+        return None
+    if rows[0].window_expires_ms is not None:
+        set_window_expiry(cursor, user_id, rows[0], None)
+    cursor.execute(f"DELETE FROM {GRANTS_TABLE} WHERE user_id = ?", (user_id,))
+    return Window(rows[0].public_key, rows[0].window_expires_ms)
+
+
+def _grantor(cursor: Any, user_id: str, master_replaced: bool) -> str | None:
+    cursor.execute(
+        f"SELECT master_key, expires_ms, granted_by FROM {GRANTS_TABLE} WHERE user_id = ?",
+        (user_id,),
+    )
+    grant = cursor.fetchone()
+    if grant is None:
+        return None
+    rows = latest_master_keys(cursor, user_id, 2)
+    # The window belonged to the previous master key if the upload replaced it.
+    used = rows[1] if master_replaced and len(rows) > 1 else rows[0] if rows else None
+    if master_replaced:
+        # A grant whose key is gone is spent.
+        cursor.execute(f"DELETE FROM {GRANTS_TABLE} WHERE user_id = ?", (user_id,))
+    master_key, expires_ms, granted_by = grant
+    # A later write of the column by anyone else (say, delegated auth) makes the recorded
+    # grant stale.
+    if used is not None and used.public_key == master_key and used.window_expires_ms == expires_ms:
+        return str(granted_by)
+    return None
+
+
+class Store:
+    """The module's persistent state, in Synapse's database."""
+
+    def __init__(self, synapse: Synapse) -> None:
+        self._synapse = synapse
+        self._tables_ready = False
+
+    async def create_tables(self) -> None:
+        if self._tables_ready:
+            return
+        try:
+            await self._synapse.run_db_interaction(
+                "synapse_xsign_uia_create_tables", _create_tables
+            )
+        except Exception:
+            # Two creations at once (two processes starting) can collide on PostgreSQL,
+            # which checks the catalog before it locks it; the loser finds the tables there
+            # on a second try.
+            await self._synapse.run_db_interaction(
+                "synapse_xsign_uia_create_tables", _create_tables
+            )
+        self._tables_ready = True
+
+    async def _run(self, desc: str, txn: Any, *args: Any) -> Any:
+        await self.create_tables()
+        return await self._synapse.run_db_interaction(f"synapse_xsign_uia_{desc}", txn, *args)
+
+    # The admin replacement window.
+
+    async def read_window(self, user_id: str) -> Window | None:
+        """The latest master key's window; None when the user has no master key."""
+
+        def txn(cursor: Any) -> Window | None:
+            rows = latest_master_keys(cursor, user_id)
+            return Window(rows[0].public_key, rows[0].window_expires_ms) if rows else None
+
+        return await self._synapse.run_db_interaction(  # type: ignore[no-any-return]
+            "synapse_xsign_uia_read_window", txn
+        )
+
+    async def grant_window(
+        self, user_id: str, expires_ms: int, granted_by: str, now_ms: int
+    ) -> Window | None:
+        """Open a window on the latest master key and record who opened it; None when the
+        user has no master key."""
+        window: Window | None = await self._run(
+            "grant_window", _grant, user_id, expires_ms, granted_by, now_ms
+        )
+        return window
+
+    async def revoke_window(self, user_id: str) -> Window | None:
+        """Close the latest master key's window; returns it as it was before, or None when
+        the user has no master key."""
+        window: Window | None = await self._run("revoke_window", _revoke, user_id)
+        return window
+
+    async def window_grantor(self, user_id: str, *, master_replaced: bool) -> str | None:
+        """Who granted the window an upload just went through, or None when no admin did
+        through this module (the Matrix Authentication Service's own endpoint, say).
+        Called under the upload lock, right after the upload."""
+        grantor: str | None = await self._run("window_grantor", _grantor, user_id, master_replaced)
+        return grantor
+
+    # Identity-reset notices queued by workers.
+
+    async def queue_notice(
+        self, user_id: str, rule: str, content: Mapping[str, Any], now_ms: int
+    ) -> None:
+        def txn(cursor: Any) -> None:
+            cursor.execute(
+                f"INSERT INTO {NOTICES_TABLE}"
+                " (notice_id, user_id, rule, content, queued_at_ms, attempts)"
+                " VALUES (?, ?, ?, ?, ?, 0)",
+                (secrets.token_hex(16), user_id, rule, json.dumps(content), now_ms),
+            )
+
+        await self._run("queue_notice", txn)
+
+    async def queued_notices(self) -> list[QueuedNotice]:
+        """The oldest queued notices, at most `NOTICE_BATCH`."""
+
+        def txn(cursor: Any) -> list[QueuedNotice]:
+            cursor.execute(
+                f"SELECT notice_id, user_id, rule, content, attempts FROM {NOTICES_TABLE}"
+                f" ORDER BY queued_at_ms, notice_id LIMIT {NOTICE_BATCH}"
+            )
+            return [
+                QueuedNotice(str(row[0]), str(row[1]), str(row[2]), json.loads(row[3]), int(row[4]))
+                for row in cursor.fetchall()
+            ]
+
+        notices: list[QueuedNotice] = await self._run("queued_notices", txn)
+        return notices
+
+    async def remove_notice(self, notice_id: str) -> None:
+        def txn(cursor: Any) -> None:
+            cursor.execute(f"DELETE FROM {NOTICES_TABLE} WHERE notice_id = ?", (notice_id,))
+
+        await self._run("remove_notice", txn)
+
+    async def count_notice_attempt(self, notice_id: str) -> None:
+        def txn(cursor: Any) -> None:
+            cursor.execute(
+                f"UPDATE {NOTICES_TABLE} SET attempts = attempts + 1 WHERE notice_id = ?",
+                (notice_id,),
+            )
+
+        await self._run("notice_attempt", txn)
