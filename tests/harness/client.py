@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 import requests
-from signedjson.key import generate_signing_key, get_verify_key
+from signedjson.key import decode_signing_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
@@ -19,10 +19,18 @@ QUERY_PATH = "/_matrix/client/v3/keys/query"
 
 
 class SigningKeyPair:
-    """An ed25519 key pair whose public key is its key ID, as cross-signing keys are."""
+    """An ed25519 key pair whose public key is its key ID, as cross-signing keys are.
 
-    def __init__(self) -> None:
-        self.signing_key = generate_signing_key("tmp")
+    A new random pair, or with `seed` the pair derived from it (its SHA-256 is the ed25519
+    seed): the same seed gives the same pair on every run, for reproducible tests.
+    """
+
+    def __init__(self, seed: str | None = None) -> None:
+        if seed is None:
+            self.signing_key = generate_signing_key("tmp")
+        else:
+            secret = encode_base64(hashlib.sha256(seed.encode()).digest())
+            self.signing_key = decode_signing_key_base64("ed25519", "tmp", secret)
         self.public = encode_base64(get_verify_key(self.signing_key).encode())
         # signedjson names signatures "ed25519:<version>": the version is the public key.
         self.signing_key.version = self.public

@@ -1,4 +1,4 @@
-"""Requirement 1: concurrent uploads for one user are serialised.
+"""Concurrent uploads for one user are serialised.
 
 Native Synapse checks "is a master key stored?" and writes in separate steps, so two first
 uploads sent at the same instant can both pass the check: both get 200 and the later one

@@ -24,7 +24,6 @@ The run is reproducible (Hypothesis derandomised, key pairs derived from fixed s
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -40,16 +39,17 @@ import pytest
 import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from signedjson.key import decode_signing_key_base64, get_verify_key
-from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from synapse_xsign_uia.body import MAX_BODY_BYTES, MAX_DEPTH
+from synapse_xsign_uia.policy import KEY_FIELDS as FIELDS
 from tests.conftest import ServerFactory
 from tests.harness import openapi
 from tests.harness.client import (
     QUERY_PATH,
     UPLOAD_PATH,
+    CrossSigningKeys,
+    SigningKeyPair,
     User,
     cross_signing_keys_in,
     register_user,
@@ -75,12 +75,9 @@ ADMIN_SUFFIX = "/_allow_cross_signing_replacement_without_uia"
 RESYNC_PREFIX = "/_matrix/unstable/org.matrix.mscXXXX/user/"
 # Synapse serves the upload servlet under these prefixes.
 UPLOAD_ROUTE = re.compile(r"^/_matrix/client/(v3|unstable)/keys/device_signing/upload$")
-FIELDS = {
-    "master_key": "master",
-    "self_signing_key": "self_signing",
-    "user_signing_key": "user_signing",
-}
-USAGES = ("master", "self_signing", "user_signing")
+# FIELDS is the module's table, body field -> key type, under the name the generated tests
+# use: Hypothesis derives a derandomised test's seed from its source text.
+USAGES = tuple(FIELDS.values())
 UPLOAD_PATH_VARIANTS = [
     "/_matrix/client/unstable/keys/device_signing/upload",
     "/_matrix/client/r0/keys/device_signing/upload",
@@ -91,34 +88,13 @@ UPLOAD_PATH_VARIANTS = [
 
 # --- Key pairs from fixed seeds ---------------------------------------------------------
 
-
-class Pair:
-    """An ed25519 key pair derived from `index`, named by its public key."""
-
-    def __init__(self, index: int) -> None:
-        seed = hashlib.sha256(f"xsign-hostile-{index}".encode()).digest()
-        self.signing_key = decode_signing_key_base64("ed25519", "tmp", encode_base64(seed))
-        self.public = encode_base64(get_verify_key(self.signing_key).encode())
-        self.signing_key.version = self.public
-        self.key_id = f"ed25519:{self.public}"
-
-    def key(self, user_id: str, usage: str) -> dict[str, Any]:
-        return {"user_id": user_id, "usage": [usage], "keys": {self.key_id: self.public}}
-
-    def sign(self, user_id: str, obj: dict[str, Any]) -> dict[str, Any]:
-        return sign_json(obj, user_id, self.signing_key)  # type: ignore[no-any-return]
-
-
-PAIRS = [Pair(i) for i in range(40)]
+PAIRS = [SigningKeyPair(seed=f"xsign-hostile-{i}") for i in range(40)]
 PAIR_BY_PUBLIC = {pair.public: pair for pair in PAIRS}
 
 
-def key_set(user_id: str, master: Pair, ssk: Pair, usk: Pair) -> dict[str, Any]:
-    return {
-        "master_key": master.key(user_id, "master"),
-        "self_signing_key": master.sign(user_id, ssk.key(user_id, "self_signing")),
-        "user_signing_key": master.sign(user_id, usk.key(user_id, "user_signing")),
-    }
+def fixed_keys(user_id: str, first: int) -> CrossSigningKeys:
+    """Keys of `PAIRS[first]` (master), `PAIRS[first + 1]` and `PAIRS[first + 2]`."""
+    return CrossSigningKeys(user_id, *PAIRS[first : first + 3])
 
 
 # --- The deployment ---------------------------------------------------------------------
@@ -269,7 +245,7 @@ def dep(synapse_server: ServerFactory) -> Iterator[Deployment]:
             closed_remote=closed_remote,
         )
         window_user = deployment.window_user
-        window_keys = key_set(window_user.user_id, PAIRS[0], PAIRS[1], PAIRS[2])
+        window_keys = fixed_keys(window_user.user_id, 0).body()
         assert (
             send(deployment, "POST", UPLOAD_PATH, window_user.access_token, window_keys).status
             == 200
@@ -280,7 +256,7 @@ def dep(synapse_server: ServerFactory) -> Iterator[Deployment]:
             [FIELDS, FIELDS, FIELDS, FIELDS, ["master_key"], ["master_key", "self_signing_key"]]
         ):
             user = deployment.register()
-            keys = key_set(user.user_id, *PAIRS[3 * index + 3 : 3 * index + 6])
+            keys = fixed_keys(user.user_id, 3 * index + 3).body()
             body = {field: keys[field] for field in fields}
             assert send(deployment, "POST", UPLOAD_PATH, user.access_token, body).status == 200
             deployment.keyed.append(Principal(user, stored_keys(deployment, user)))
@@ -567,7 +543,7 @@ def real_keys(draw: Draw, principal: Principal, other_user_id: str) -> Body:
             value[field] = json.loads(json.dumps(principal.stored[key_type]))
             continue
         pair = pairs[key_type]
-        key = pair.key(user_id, key_type)
+        key = pair.key_json(user_id, key_type)
         if key_type != "master":
             # The master key that makes the signature valid: the request's, else the stored.
             if "master_key" in value:
@@ -811,6 +787,23 @@ def request_parts(draw: Draw, token: str | None) -> tuple[list[tuple[str, bytes]
 
 def with_query(path: str, query: str) -> str:
     return f"{path}?{query}" if query else path
+
+
+def token_of(dep: Deployment, requester: str) -> str | None:
+    """The access token of the admin, the plain user or a guest; none for "nobody"."""
+    return {
+        "admin": dep.admin.access_token,
+        "plain": dep.plain.access_token,
+        "guest": dep.guest_token,
+    }.get(requester)
+
+
+def drawn_request(
+    draw: Draw, method: str, path: str, token: str | None, body: bytes | None
+) -> Request:
+    """A request to `path` with headers and a query string drawn for `token`'s user."""
+    headers, query = request_parts(draw, token)
+    return Request(method, with_query(path, query), headers, body)
 
 
 # --- Path values ------------------------------------------------------------------------
@@ -1058,12 +1051,7 @@ def admin_requests(draw: Draw) -> Request:
     method = choose(
         draw, ["POST"] * 3 + ["GET"] * 2 + ["DELETE"] * 2 + ["PUT", "PATCH", "HEAD", "OPTIONS"]
     )
-    requester = choose(draw, ["admin"] * 6 + ["plain", "guest", "nobody"])
-    token = {
-        "admin": dep.admin.access_token,
-        "plain": dep.plain.access_token,
-        "guest": dep.guest_token,
-    }.get(requester)
+    token = token_of(dep, choose(draw, ["admin"] * 6 + ["plain", "guest", "nobody"]))
     segment, _ = admin_user_segment(draw, dep)
     shape = choose(draw, ["documented"] * 10 + ["trailing_slash", "extra", "empty"])
     if shape == "trailing_slash":
@@ -1092,8 +1080,7 @@ def admin_requests(draw: Draw) -> Request:
         body = serialize(draw, Body(draw(json_values)))
     else:
         body = upload_body(draw, None, dep.plain.user_id)
-    headers, query = request_parts(draw, token)
-    return Request(method, with_query(path, query), headers, body)
+    return drawn_request(draw, method, path, token, body)
 
 
 @settings(SETTINGS, max_examples=CASES["admin"])
@@ -1151,12 +1138,7 @@ def resync_segment(draw: Draw, dep: Deployment) -> str:
 def resync_requests(draw: Draw) -> Request:
     dep = LIVE[0]
     method = choose(draw, ["GET"] * 12 + ["HEAD", "POST", "PUT", "DELETE"])
-    requester = choose(draw, ["admin"] * 4 + ["plain"] * 4 + ["guest", "nobody"])
-    token = {
-        "admin": dep.admin.access_token,
-        "plain": dep.plain.access_token,
-        "guest": dep.guest_token,
-    }.get(requester)
+    token = token_of(dep, choose(draw, ["admin"] * 4 + ["plain"] * 4 + ["guest", "nobody"]))
     segment = resync_segment(draw, dep)
     shape = choose(draw, ["documented"] * 10 + ["no_devices", "extra", "empty", "other"])
     path = {
@@ -1167,8 +1149,7 @@ def resync_requests(draw: Draw) -> Request:
         "other": f"{RESYNC_PREFIX}{segment}/Devices",
     }[shape]
     body = None if draw(ints(0, 5)) else upload_body(draw, None, dep.plain.user_id)
-    headers, query = request_parts(draw, token)
-    return Request(method, with_query(path, query), headers, body)
+    return drawn_request(draw, method, path, token, body)
 
 
 @settings(SETTINGS, max_examples=CASES["resync"])
@@ -1248,7 +1229,7 @@ class Subjects:
 def subjects(dep: Deployment) -> Subjects:
     fresh = dep.register()
     keyed = dep.register()
-    keys = key_set(keyed.user_id, PAIRS[36], PAIRS[37], PAIRS[38])
+    keys = fixed_keys(keyed.user_id, 36).body()
     assert send(dep, "POST", UPLOAD_PATH, keyed.access_token, keys).status == 200
     return Subjects(fresh, keyed, stored_keys(dep, keyed))
 
@@ -1288,8 +1269,19 @@ def refused_for_both(
     assert_healthy(dep)
 
 
+def window_refused(
+    dep: Deployment, subjects: Subjects, body: bytes, status: int, errcode: str, contains: str = ""
+) -> None:
+    """Opening a window for the user with keys with this body is refused, and their window
+    stays as it was."""
+    window = window_of(dep, subjects.keyed)
+    response = send(dep, "POST", admin_path(subjects.keyed.user_id), dep.admin.access_token, body)
+    assert_refused(response, status, errcode, contains, openapi.ADMIN_WINDOW)
+    assert window_of(dep, subjects.keyed) == window
+
+
 def new_keys(user: User) -> dict[str, Any]:
-    return key_set(user.user_id, PAIRS[33], PAIRS[34], PAIRS[35])
+    return fixed_keys(user.user_id, 33).body()
 
 
 def keys_with(user: User, field: str, extra: str, value_text: str) -> bytes:
@@ -1304,16 +1296,8 @@ def test_body_larger_than_the_module_accepts_is_413(dep: Deployment, subjects: S
         return json.dumps({**new_keys(user), "padding": "x" * MAX_BODY_BYTES}).encode()
 
     refused_for_both(dep, subjects, padded, 413, "M_TOO_LARGE", str(MAX_BODY_BYTES))
-    window = window_of(dep, subjects.keyed)
-    response = send(
-        dep,
-        "POST",
-        admin_path(subjects.keyed.user_id),
-        dep.admin.access_token,
-        json.dumps({"duration_ms": 1000, "padding": "x" * MAX_BODY_BYTES}).encode(),
-    )
-    assert_refused(response, 413, "M_TOO_LARGE", template=openapi.ADMIN_WINDOW)
-    assert window_of(dep, subjects.keyed) == window
+    padded_window = json.dumps({"duration_ms": 1000, "padding": "x" * MAX_BODY_BYTES})
+    window_refused(dep, subjects, padded_window.encode(), 413, "M_TOO_LARGE")
 
 
 def test_body_larger_than_synapse_accepts_is_refused(dep: Deployment, subjects: Subjects) -> None:
@@ -1465,16 +1449,8 @@ def test_duplicate_json_keys_are_refused(
         "M_BAD_JSON",
         f"'{name}' twice",
     )
-    window = window_of(dep, subjects.keyed)
-    response = send(
-        dep,
-        "POST",
-        admin_path(subjects.keyed.user_id),
-        dep.admin.access_token,
-        b'{"duration_ms": 1000, "duration_ms": 2000}',
-    )
-    assert_refused(response, 400, "M_BAD_JSON", "'duration_ms' twice", openapi.ADMIN_WINDOW)
-    assert window_of(dep, subjects.keyed) == window
+    twice = b'{"duration_ms": 1000, "duration_ms": 2000}'
+    window_refused(dep, subjects, twice, 400, "M_BAD_JSON", "'duration_ms' twice")
 
 
 @pytest.mark.parametrize(
@@ -1614,7 +1590,7 @@ def uia_session(dep: Deployment, user: User, path: str = UPLOAD_PATH) -> str:
 
 def keyed_user(dep: Deployment, first_pair: int = 0) -> User:
     user = dep.register()
-    keys = key_set(user.user_id, *PAIRS[first_pair : first_pair + 3])
+    keys = fixed_keys(user.user_id, first_pair).body()
     assert send(dep, "POST", UPLOAD_PATH, user.access_token, keys).status == 200
     return user
 
@@ -1623,8 +1599,8 @@ def key_id_in_use(dep: Deployment) -> RawResponse:
     """A user who replaced their keys sends the old ones again: the old master key is one
     of their device IDs."""
     user = keyed_user(dep, 0)
-    old = key_set(user.user_id, *PAIRS[0:3])
-    replacement = {**key_set(user.user_id, *PAIRS[3:6])}
+    old = fixed_keys(user.user_id, 0).body()
+    replacement = fixed_keys(user.user_id, 3).body()
     session = uia_session(dep, user)
     replacement["auth"] = user.password_auth(session)
     assert send(dep, "POST", UPLOAD_PATH, user.access_token, replacement).status == 200
@@ -1684,9 +1660,7 @@ def recipes(dep: Deployment) -> dict[openapi.Answer, Callable[[], RawResponse]]:
 
     def bad_signature(user: User) -> dict[str, Any]:
         body = new_keys(user)
-        body["self_signing_key"] = PAIRS[39].sign(
-            user.user_id, PAIRS[34].key(user.user_id, "self_signing")
-        )
+        body["self_signing_key"] = fixed_keys(user.user_id, 33).self_signing_key(PAIRS[39])
         return body
 
     def unknown_session(user: User) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""The upload endpoint against a real Synapse: every row of the decision table and every
-requirement on top of native Synapse, with real signed keys and the password UIA stage."""
+"""The upload endpoint against a real Synapse: every row of the decision table in
+docs/how-it-works.md, and what the module does where native Synapse fails or writes part of a
+request (validation, key IDs in use, unchanged keys, refused requests, the log line), with
+real signed keys and the password UIA stage."""
 
 from __future__ import annotations
 
@@ -156,7 +158,7 @@ def test_identical_reupload_toggle_off(synapse_server: ServerFactory) -> None:
     assert user.stored_public_keys()["master"] == keys.master.public
 
 
-# Requirement 2: validation before anything is written, never a 500.
+# Validation happens before anything is written, never a 500.
 
 
 @pytest.mark.parametrize("value", ["x", 5, ["master"], True])
@@ -223,7 +225,9 @@ def test_no_token(server: SynapseServer) -> None:
     assert_error(response, 401, "M_MISSING_TOKEN")
 
 
-# Requirement 3: a key ID in use.
+# A key whose ID is in use (a device's, or a key the user had before) is refused with a
+# 403, never a 500, and nothing is stored; the stored key sent again with other content is
+# refused with a pointer to /keys/signatures/upload.
 
 
 def login_with_device(server: SynapseServer, user: User, device_id: str) -> User:
@@ -275,7 +279,7 @@ def test_resigned_master_key_points_to_signatures_upload(user: User) -> None:
     assert "/keys/signatures/upload" in body["error"]
 
 
-# Requirement 4: unchanged keys are not written again.
+# Keys sent unchanged beside a new one are not written again.
 
 
 def test_rotate_self_signing_key_while_resending_master(
@@ -295,7 +299,7 @@ def test_rotate_self_signing_key_while_resending_master(
     assert native.upload_with_uia(native_keys.body(usk=False)).status_code == 500
 
 
-# Requirement 5: no partial writes.
+# A refused request writes no key, not even part of the upload.
 
 
 def test_refused_request_changes_no_key(
@@ -333,7 +337,7 @@ def test_bad_signature_with_a_new_master_key_changes_nothing(user: User) -> None
     assert user.stored_public_keys()["master"] == old.master.public
 
 
-# Requirement 7: one log line per decision.
+# Every decision is logged in one line.
 
 
 def test_one_log_line_per_decision(server: SynapseServer, user: User) -> None:
