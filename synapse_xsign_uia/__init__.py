@@ -11,7 +11,7 @@ from synapse_xsign_uia._synapse import NativeServlet, Synapse
 from synapse_xsign_uia.admin import PATTERNS as ADMIN_WINDOW_PATTERNS
 from synapse_xsign_uia.admin import ReplacementWindowAdmin
 from synapse_xsign_uia.config import Config, parse_config
-from synapse_xsign_uia.notice import ResetNotifier, check_server_notices
+from synapse_xsign_uia.notice import ResetNotifier, check_notice_config
 from synapse_xsign_uia.resync import serve_resync_endpoint
 from synapse_xsign_uia.store import Store
 from synapse_xsign_uia.upload import UploadHandler
@@ -33,7 +33,7 @@ class CrossSigningUIAModule:
         _synapse.check_synapse_version()
         self.config = config
         self.synapse = synapse = Synapse(api)
-        check_server_notices(config.notify_on_reset, synapse)
+        check_notice_config(config.notify_on_reset, synapse)
         self.store = store = Store(synapse)
         synapse.run_in_background("synapse_xsign_uia_create_tables", store.create_tables)
         notifier = ResetNotifier(config.notify_on_reset, synapse, store)

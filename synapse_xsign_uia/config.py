@@ -31,12 +31,12 @@ class ResyncConfig:
 
 
 # The placeholders `notify_on_reset.message` may use, filled in when the notice is sent.
-NOTICE_PLACEHOLDERS = ("time", "user_id", "server_name", "method")
+NOTICE_PLACEHOLDERS = ("time", "user_id", "server_name", "method", "device", "ip_address")
 
 DEFAULT_NOTICE_MESSAGE = (
     "The cross-signing identity (master key) of your account {user_id} was replaced at "
-    "{time}, {method}. Your other sessions and the people you talk to will see that your "
-    "identity changed.\n\n"
+    "{time}, {method}, from the device {device} at the IP address {ip_address}. Your other "
+    "sessions and the people you talk to will see that your identity changed.\n\n"
     "If you did this, there is nothing more to do. If you did not, someone else may have "
     "access to your account: change your password, contact the administrator of "
     "{server_name}, and verify your devices again."
@@ -48,9 +48,11 @@ _LONGEST_NOTICE_MESSAGE = 10_000
 
 @attrs.frozen
 class NoticeConfig:
-    """The server notice sent to a user whose master key was replaced."""
+    """Telling a user whose master key was replaced: by server notice (`enabled`), by email
+    to their verified addresses (`email`), or both; `message` is the text of either."""
 
     enabled: bool = False
+    email: bool = False
     message: str = DEFAULT_NOTICE_MESSAGE
 
 
@@ -61,6 +63,7 @@ class Config:
     replacement_window_ms: int = 10 * _UNIT_MS["m"]
     max_replacement_window_ms: int = _UNIT_MS["d"]
     appservice_without_uia: bool = True
+    strict_uia_sessions: bool = True
     device_list_resync: ResyncConfig = ResyncConfig()
     notify_on_reset: NoticeConfig = NoticeConfig()
 
@@ -185,10 +188,11 @@ def _parse_notice_message(value: object, path: list[str]) -> str:
 
 def _parse_notice(value: object) -> NoticeConfig:
     path = ["notify_on_reset"]
-    raw = _mapping(value, path, {"enabled", "message"})
+    raw = _mapping(value, path, {"enabled", "email", "message"})
     default = NoticeConfig()
     return NoticeConfig(
         enabled=_parse_bool(raw.get("enabled", default.enabled), [*path, "enabled"]),
+        email=_parse_bool(raw.get("email", default.email), [*path, "email"]),
         message=_parse_notice_message(raw.get("message", default.message), [*path, "message"]),
     )
 
@@ -200,6 +204,7 @@ def parse_config(value: object) -> Config:
         "replacement_window",
         "max_replacement_window",
         "appservice_without_uia",
+        "strict_uia_sessions",
         "device_list_resync",
         "notify_on_reset",
     }
@@ -229,6 +234,7 @@ def parse_config(value: object) -> Config:
         replacement_window_ms=window,
         max_replacement_window_ms=max_window,
         appservice_without_uia=flag("appservice_without_uia", default.appservice_without_uia),
+        strict_uia_sessions=flag("strict_uia_sessions", default.strict_uia_sessions),
         device_list_resync=_parse_resync(raw.get("device_list_resync")),
         notify_on_reset=_parse_notice(raw.get("notify_on_reset")),
     )

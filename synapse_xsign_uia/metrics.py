@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from synapse.module_api.errors import Codes
 
 from synapse_xsign_uia.outcomes import AdminAction, ResyncOutcome, UploadOutcome, UploadResult
-from synapse_xsign_uia.policy import RESETTING_RULES, Rule
+from synapse_xsign_uia.policy import RESETTING_RULES, Rule, SessionVerdict
 
 SERVER_NAME_LABEL = "server_name"
 
@@ -66,7 +66,15 @@ UPLOAD_OUTCOMES: Mapping[str, Sequence[str]] = {
         *_REFUSED_AFTER_DECIDING,
     ),
     # Synapse answers a wrong password with a new challenge: it counts as `uia_challenge`.
-    Rule.UIA.value: (UploadOutcome.UIA_CHALLENGE.value, *_WRITES),
+    Rule.UIA.value: (
+        UploadOutcome.UIA_CHALLENGE.value,
+        *(
+            UploadResult(UploadOutcome.UIA_SESSION_REFUSED, verdict.value).label
+            for verdict in SessionVerdict
+            if verdict is not SessionVerdict.AUTHORISES
+        ),
+        *_WRITES,
+    ),
 }
 
 _MAX_REMEMBERED_SERIES = 256
@@ -78,6 +86,9 @@ _ERRCODES = frozenset(code.value for code in Codes) | frozenset(
     for outcome in outcomes
     if outcome.startswith(f"{UploadOutcome.REFUSED.value}:")
 )
+
+
+_SESSION_VERDICTS = frozenset(verdict.value for verdict in SessionVerdict)
 
 
 def upload_outcome_label(outcome: str) -> str:
@@ -96,6 +107,8 @@ def upload_outcome_label(outcome: str) -> str:
         known = detail in _ERRCODES
     elif kind == UploadOutcome.DELEGATED.value:
         known = len(detail) == 3 and detail.isascii() and detail.isdigit() and detail[0] in "12345"
+    elif kind == UploadOutcome.UIA_SESSION_REFUSED.value:
+        known = detail in _SESSION_VERDICTS
     else:
         known = False
     return outcome if known else f"{kind}:{OTHER}"

@@ -1,6 +1,8 @@
-"""The identity-reset notice: a server notice telling a user that their cross-signing master
-key was replaced, when, and how the replacement was authorised, so that a reset made by
-someone else with access to the account does not go unnoticed.
+"""The identity-reset notice: a message telling a user that their cross-signing master key
+was replaced, when, how the replacement was authorised, and from which device and IP
+address, so that a reset made by someone else with access to the account does not go
+unnoticed. As a server notice (`notify_on_reset.enabled`), by email (`notify_on_reset.email`,
+see `reset_email.py`), or both.
 
 Synapse sends server notices from the main process only. An upload served by a worker
 queues its notice in a table of the module's; the main process sends what is queued.
@@ -13,14 +15,16 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from synapse.module_api.errors import ConfigError
 
 from synapse_xsign_uia.config import NoticeConfig
 from synapse_xsign_uia.policy import Rule
+from synapse_xsign_uia.reset_email import send_reset_email
 from synapse_xsign_uia.store import QueuedNotice, Store
 
 if TYPE_CHECKING:
-    from synapse_xsign_uia._synapse import Synapse
+    from synapse_xsign_uia._synapse import Caller, Synapse
 
 logger = logging.getLogger(__name__)
 
@@ -46,26 +50,52 @@ def format_time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def notice_content(
-    template: str, *, user_id: str, server_name: str, rule: Rule, now_ms: int
-) -> dict[str, Any]:
-    """The event content of the notice. `template` was checked at start-up, so only the
-    known placeholders occur in it."""
-    body = template.format(
-        time=format_time(now_ms),
-        user_id=user_id,
+@attrs.frozen
+class Reset:
+    """A replacement of a user's master key, as the notice tells it."""
+
+    user_id: str
+    rule: Rule
+    time_ms: int
+    device_id: str | None  # of the access token that asked; None for an application service
+    device_name: str | None
+    ip_address: str
+
+    @property
+    def device(self) -> str:
+        if self.device_id is None:
+            return "none (an application service's own access token)"
+        if self.device_name:
+            return f"{self.device_id} ({self.device_name})"
+        return self.device_id
+
+
+def notice_text(template: str, reset: Reset, server_name: str) -> str:
+    """The notice's text. `template` was checked at start-up, so only the known
+    placeholders occur in it."""
+    return template.format(
+        time=format_time(reset.time_ms),
+        user_id=reset.user_id,
         server_name=server_name,
-        method=METHODS[rule],
+        method=METHODS[reset.rule],
+        device=reset.device,
+        ip_address=reset.ip_address,
     )
-    return {"msgtype": "m.text", "body": body}
 
 
-def check_server_notices(config: NoticeConfig, synapse: Synapse) -> None:
-    """Refuse to start when the notice is enabled but Synapse cannot send server notices.
+def check_notice_config(config: NoticeConfig, synapse: Synapse) -> None:
+    """Refuse to start when the notice is on but Synapse cannot send it.
 
-    Checked on the main process, which sends them; a worker only queues its notices, so its
-    own configuration needs no `server_notices`.
+    Server notices are sent by the main process; a worker only queues its notices, so its
+    own configuration needs no `server_notices`. Every process sends its own emails.
     """
+    if config.email and not synapse.can_send_email:
+        raise ConfigError(
+            "synapse_xsign_uia: 'notify_on_reset.email' needs Synapse to send email: add an "
+            "`email` section with `notif_from` and the SMTP settings (`smtp_host`, "
+            "`smtp_port`, ...) to homeserver.yaml, or set 'notify_on_reset.email' to false",
+            path=["notify_on_reset", "email"],
+        )
     if not config.enabled or not synapse.is_main_process:
         return
     if synapse.notices.sender() is None:
@@ -93,24 +123,50 @@ class ResetNotifier:
                 "synapse_xsign_uia_send_queued_notices", self.send_queued, DRAIN_INTERVAL_MS
             )
 
-    def master_replaced(self, user_id: str, rule: Rule) -> None:
-        """Called right after an upload replaced the user's stored master key."""
-        if not self._config.enabled or rule not in METHODS:
+    def master_replaced(self, caller: Caller, rule: Rule) -> None:
+        """Called right after an upload by `caller` replaced their stored master key."""
+        if not (self._config.enabled or self._config.email) or rule not in METHODS:
             return
         try:
-            content = notice_content(
-                self._config.message,
-                user_id=user_id,
-                server_name=self._synapse.server_name,
-                rule=rule,
-                now_ms=self._synapse.now_ms(),
-            )
             self._synapse.run_in_background(
-                "synapse_xsign_uia_reset_notice", self._deliver, user_id, rule, content
+                "synapse_xsign_uia_reset_notice",
+                self._tell,
+                caller.user_id,
+                rule,
+                caller.device_id,
+                caller.ip_address,
+                self._synapse.now_ms(),
             )
         except Exception:
             # The keys are already stored: the upload has succeeded whatever happens here.
-            logger.warning("Could not send the identity-reset notice to %s", user_id, exc_info=True)
+            logger.warning(
+                "Could not send the identity-reset notice to %s", caller.user_id, exc_info=True
+            )
+
+    async def _tell(
+        self, user_id: str, rule: Rule, device_id: str | None, ip_address: str, now_ms: int
+    ) -> None:
+        try:
+            device_name = None
+            if device_id is not None:
+                device_name = await self._synapse.device_display_name(user_id, device_id)
+            reset = Reset(user_id, rule, now_ms, device_id, device_name, ip_address)
+            text = notice_text(self._config.message, reset, self._synapse.server_name)
+        except Exception:
+            logger.warning(
+                "Could not write the identity-reset notice to %s (rule=%s)",
+                user_id,
+                rule.value,
+                exc_info=True,
+            )
+            return
+        if self._config.enabled:
+            await self._deliver(user_id, rule, {"msgtype": "m.text", "body": text})
+        if self._config.email:
+            sent = await send_reset_email(self._synapse, user_id, text)
+            logger.info(
+                "Identity-reset email sent: user=%s rule=%s addresses=%d", user_id, rule.value, sent
+            )
 
     async def _deliver(self, user_id: str, rule: Rule, content: dict[str, Any]) -> None:
         try:

@@ -13,6 +13,9 @@ class UploadOutcome(enum.Enum):
     NOTHING_WRITTEN = "nothing_written"  # 200, no key written
     UPLOADED = "uploaded"  # 200, keys written
     UIA_CHALLENGE = "uia_challenge"  # 401 with the UIA flows
+    # A fresh 401 challenge: the session the request presented may not authorise this
+    # write (`strict_uia_sessions`); the detail says why.
+    UIA_SESSION_REFUSED = "uia_session_refused"
     REFUSED = "refused"  # 4xx; the detail is the errcode
     DELEGATED = "delegated"  # Synapse's delegated-auth answer; the detail is its status
 

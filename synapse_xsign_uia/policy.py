@@ -173,6 +173,52 @@ def decide(toggles: Toggles, facts: Facts) -> Decision:
     return Decision(Rule.UIA, Action.REQUIRE_UIA)
 
 
+class SessionVerdict(enum.Enum):
+    """Whether a completed UIA session may authorise a write (`strict_uia_sessions`); the
+    value is what logs and metrics show."""
+
+    AUTHORISES = "authorises"
+    SPENT = "spent"  # it already authorised a write
+    OTHER_DEVICE = "other_device"  # its challenge went to another device
+    OTHER_KEYS = "other_keys"  # its challenge was for other keys, and no credentials came
+    UNKNOWN = "unknown"  # no challenge of the module's offered it, and no credentials came
+
+
+@attrs.frozen
+class UiaSessionRecord:
+    """What the module recorded of a UIA session it offered."""
+
+    device_id: str | None  # the device its challenge went to
+    keys_fingerprint: str  # of the keys its challenge was for
+    spent: bool
+
+
+def judge_uia_session(
+    record: UiaSessionRecord | None,
+    *,
+    device_id: str | None,
+    keys_fingerprint: str,
+    brings_credentials: bool,
+) -> SessionVerdict:
+    """Whether a session whose stages are complete may authorise writing the keys of a
+    request (their `keys_fingerprint`) from `device_id`.
+
+    A session authorises one write, from the device its challenge went to. A request that
+    brings no credentials of its own may write only the keys the challenge was for: the
+    user authenticated that change, not another. A request with credentials (a password)
+    authenticates itself, so its keys are the change the user authenticated.
+    """
+    if record is None:
+        return SessionVerdict.AUTHORISES if brings_credentials else SessionVerdict.UNKNOWN
+    if record.spent:
+        return SessionVerdict.SPENT
+    if record.device_id != device_id:
+        return SessionVerdict.OTHER_DEVICE
+    if not brings_credentials and record.keys_fingerprint != keys_fingerprint:
+        return SessionVerdict.OTHER_KEYS
+    return SessionVerdict.AUTHORISES
+
+
 def consequences(
     rule: Rule, stored: Mapping[str, JsonKey], written: Mapping[str, JsonKey]
 ) -> Consequences:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from synapse_xsign_uia._synapse import latest_master_keys, set_window_expiry
+from synapse_xsign_uia.policy import UiaSessionRecord
 
 if TYPE_CHECKING:
     from synapse_xsign_uia._synapse import Synapse
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 GRANTS_TABLE = "synapse_xsign_uia_replacement_grants"
 # Identity-reset notices queued by workers for the main process, which alone sends them.
 NOTICES_TABLE = "synapse_xsign_uia_reset_notices"
+# The UIA sessions the upload endpoint offered: to which device, for which keys, and whether
+# they have authorised a write (`strict_uia_sessions`).
+UIA_SESSIONS_TABLE = "synapse_xsign_uia_uia_sessions"
 
 _TABLES = {
     GRANTS_TABLE: (
@@ -38,6 +42,13 @@ _TABLES = {
         "notice_id TEXT NOT NULL PRIMARY KEY, user_id TEXT NOT NULL, rule TEXT NOT NULL,"
         " content TEXT NOT NULL, queued_at_ms BIGINT NOT NULL, attempts INTEGER NOT NULL"
     ),
+    UIA_SESSIONS_TABLE: (
+        "session_id TEXT NOT NULL PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT,"
+        " keys_hash TEXT NOT NULL, created_at_ms BIGINT NOT NULL, used_at_ms BIGINT"
+    ),
+}
+_INDEXES = {
+    f"{UIA_SESSIONS_TABLE}_created": f"{UIA_SESSIONS_TABLE} (created_at_ms)",
 }
 # How many queued notices one drain of the queue reads.
 NOTICE_BATCH = 100
@@ -63,6 +74,8 @@ class QueuedNotice:
 def _create_tables(cursor: Any) -> None:
     for name, columns in _TABLES.items():
         cursor.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+    for name, on in _INDEXES.items():
+        cursor.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {on}")
 
 
 def _grant(
@@ -111,6 +124,34 @@ def _grantor(cursor: Any, user_id: str, master_replaced: bool) -> str | None:
     if used is not None and used.public_key == master_key and used.window_expires_ms == expires_ms:
         return str(granted_by)
     return None
+
+
+@attrs.frozen
+class SessionOffer:
+    """A UIA session of the upload endpoint, the device and keys it is for, and when."""
+
+    session_id: str
+    user_id: str
+    device_id: str | None
+    keys_hash: str
+    at_ms: int
+
+
+def _save_uia_session(cursor: Any, offer: SessionOffer, spent: bool) -> None:
+    on_conflict = "DO UPDATE SET used_at_ms = excluded.used_at_ms" if spent else "DO NOTHING"
+    cursor.execute(
+        f"INSERT INTO {UIA_SESSIONS_TABLE}"
+        " (session_id, user_id, device_id, keys_hash, created_at_ms, used_at_ms)"
+        f" VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) {on_conflict}",
+        (
+            offer.session_id,
+            offer.user_id,
+            offer.device_id,
+            offer.keys_hash,
+            offer.at_ms,
+            offer.at_ms if spent else None,
+        ),
+    )
 
 
 class Store:
@@ -221,3 +262,51 @@ class Store:
             )
 
         await self._run("notice_attempt", txn)
+
+    # UIA sessions offered by the upload endpoint.
+
+    async def record_uia_session(self, offer: SessionOffer) -> None:
+        """Record the device and keys a session was offered for; a session already recorded
+        keeps what it was first offered for."""
+        await self._run("record_uia_session", _save_uia_session, offer, False)
+
+    async def uia_session(self, session_id: str, user_id: str) -> UiaSessionRecord | None:
+        def txn(cursor: Any) -> UiaSessionRecord | None:
+            cursor.execute(
+                f"SELECT device_id, keys_hash, used_at_ms FROM {UIA_SESSIONS_TABLE}"
+                " WHERE session_id = ? AND user_id = ?",
+                (session_id, user_id),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            return UiaSessionRecord(row[0], str(row[1]), spent=row[2] is not None)
+
+        record: UiaSessionRecord | None = await self._run("uia_session", txn)
+        return record
+
+    async def spend_uia_session(self, offer: SessionOffer) -> None:
+        """Mark the session as having authorised a write; recorded now if it was not (a
+        session created by a request that brought its own credentials)."""
+        await self._run("spend_uia_session", _save_uia_session, offer, True)
+
+    async def unspend_uia_session(self, session_id: str) -> None:
+        def txn(cursor: Any) -> None:
+            cursor.execute(
+                f"UPDATE {UIA_SESSIONS_TABLE} SET used_at_ms = NULL WHERE session_id = ?",
+                (session_id,),
+            )
+
+        await self._run("unspend_uia_session", txn)
+
+    async def delete_uia_sessions_before(self, before_ms: int) -> int:
+        """Delete the records of sessions created before `before_ms`; how many."""
+
+        def txn(cursor: Any) -> int:
+            cursor.execute(
+                f"DELETE FROM {UIA_SESSIONS_TABLE} WHERE created_at_ms < ?", (before_ms,)
+            )
+            return int(cursor.rowcount)
+
+        deleted: int = await self._run("expire_uia_sessions", txn)
+        return deleted

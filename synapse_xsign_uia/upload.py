@@ -19,6 +19,7 @@ from synapse_xsign_uia import metrics, policy, validation
 from synapse_xsign_uia.errors import matrix_error, read_json_body
 from synapse_xsign_uia.outcomes import AdminAction, UploadOutcome, UploadResult
 from synapse_xsign_uia.policy import Action, Decision, Facts, JsonKey, Rule, Toggles
+from synapse_xsign_uia.uia_sessions import UIA_DESCRIPTION, SessionRefused, UiaSessions
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -31,9 +32,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Answer = tuple[int, Any]
-
-# What Synapse's UIA tells the user they are authenticating for.
-UIA_DESCRIPTION = "reset the device signing key on your account"
 
 
 @attrs.frozen
@@ -60,6 +58,7 @@ class UploadHandler:
         self._synapse = synapse
         self._store = store
         self._notifier = notifier
+        self._sessions = UiaSessions(synapse, store) if config.strict_uia_sessions else None
         self._toggles = Toggles(
             first_upload_without_uia=config.first_upload_without_uia,
             identical_reupload_without_uia=config.identical_reupload_without_uia,
@@ -128,38 +127,59 @@ class UploadHandler:
                 "required to replace existing cross-signing keys",
                 Codes.FORBIDDEN,
             )
+        session_id = None
         if decision.action is Action.REQUIRE_UIA:
-            await self._user_interactive_auth(attempt)
+            session_id = await self._user_interactive_auth(attempt)
         if not written:
             return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
-        await self._write(attempt, decision.rule, stored, written)
-        return self._answer(attempt, decision.rule, UploadOutcome.UPLOADED)
-
-    async def _user_interactive_auth(self, attempt: Attempt) -> None:
-        """Synapse's UIA; raises its challenge (a 401) until the user has authenticated."""
-        validation.check_uia_auth(attempt.body.get("auth"))
-        await self._synapse.keys.user_interactive_auth(
-            attempt.caller, attempt.request, attempt.body, UIA_DESCRIPTION
-        )
-
-    async def _write(
-        self, attempt: Attempt, rule: Rule, stored: StoredState, written: Mapping[str, JsonKey]
-    ) -> None:
         # Signatures are checked after UIA, as Synapse does: a challenge costs no signature
         # verification.
         validation.check_unwritten_signatures(
             attempt.requested, written, stored.keys, attempt.user_id
         )
+        await self._write(attempt, written, session_id)
+        await self._after_write(attempt, decision.rule, stored, written)
+        return self._answer(attempt, decision.rule, UploadOutcome.UPLOADED)
+
+    async def _user_interactive_auth(self, attempt: Attempt) -> str | None:
+        """Synapse's UIA, and with `strict_uia_sessions` the session's verdict; the session
+        that authorises the write. Raises the challenge (a 401) until the user has
+        authenticated."""
+        validation.check_uia_auth(attempt.body.get("auth"))
+        if self._sessions is None:
+            await self._synapse.keys.user_interactive_auth(
+                attempt.caller, attempt.request, attempt.body, UIA_DESCRIPTION
+            )
+            return None
+        return await self._sessions.authenticate(
+            attempt.caller, attempt.request, attempt.body, attempt.requested
+        )
+
+    async def _write(
+        self, attempt: Attempt, written: Mapping[str, JsonKey], session_id: str | None
+    ) -> None:
         fields = {
             field: written[key_type]
             for field, key_type in policy.KEY_FIELDS.items()
             if key_type in written
         }
-        await self._synapse.keys.upload(attempt.user_id, fields)
+        if self._sessions is None or session_id is None:
+            await self._synapse.keys.upload(attempt.user_id, fields)
+            return
+        await self._sessions.spend(session_id, attempt.caller, attempt.requested)
+        try:
+            await self._synapse.keys.upload(attempt.user_id, fields)
+        except BaseException:
+            await self._sessions.unspend(session_id)
+            raise
+
+    async def _after_write(
+        self, attempt: Attempt, rule: Rule, stored: StoredState, written: Mapping[str, JsonKey]
+    ) -> None:
         consequences = policy.consequences(rule, stored.keys, written)
         if consequences.resets_identity:
             self._metrics.identity_reset(rule)
-            self._notifier.master_replaced(attempt.user_id, rule)
+            self._notifier.master_replaced(attempt.caller, rule)
         if consequences.through_window:
             await self._audit_window(attempt.user_id, written, consequences.spends_window)
 
@@ -191,6 +211,11 @@ class UploadHandler:
         except validation.RequestError as e:
             self._log(user_id, rule, UploadResult(UploadOutcome.REFUSED, e.errcode))
             raise matrix_error(e) from e
+        except SessionRefused as e:
+            self._log(
+                user_id, rule, UploadResult(UploadOutcome.UIA_SESSION_REFUSED, e.verdict.value)
+            )
+            raise e.challenge from None
         except self._synapse.keys.uia_challenge:
             self._log(user_id, rule, UploadResult(UploadOutcome.UIA_CHALLENGE))
             raise

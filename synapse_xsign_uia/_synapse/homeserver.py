@@ -80,6 +80,7 @@ class Synapse:
         self._api = api
         self._hs = hs
         self._clock: Any = hs.get_clock()
+        self._store: Any = hs.get_datastores().main
         self._device_lists: DeviceLists | None = None
         config: Any = hs.config
         self.server_name: str = api.server_name
@@ -132,6 +133,30 @@ class Synapse:
     async def existing_user(self, user_id: str) -> str | None:
         """The user's ID as registered (Synapse matches IDs case-insensitively), or None."""
         return await self._api.check_user_exists(user_id)
+
+    async def device_display_name(self, user_id: str, device_id: str) -> str | None:
+        """The display name the user gave the device; None when it has none (or is gone)."""
+        device = await self._store.get_device(user_id, device_id)
+        name = device.get("display_name") if device else None
+        return None if name is None else str(name)
+
+    # Email.
+
+    @property
+    def can_send_email(self) -> bool:
+        """Whether homeserver.yaml's `email` section lets Synapse send email (it needs at
+        least `notif_from`)."""
+        config: Any = self._hs.config
+        return getattr(config.email, "email_notif_from", None) is not None
+
+    async def email_addresses(self, user_id: str) -> list[str]:
+        """The user's email addresses; Synapse stores only verified ones."""
+        threepids = await self._api.get_threepids_for_user(user_id)
+        return [str(t["address"]) for t in threepids if t.get("medium") == "email"]
+
+    async def send_email(self, address: str, subject: str, html: str, text: str) -> None:
+        """Send an email from the homeserver (`email.notif_from`), through its SMTP server."""
+        await self._api.send_mail(address, subject, html, text)
 
     # Time, background work and the database.
 

@@ -173,16 +173,30 @@ class CrossSigningKeys:
 
     async def user_interactive_auth(
         self, caller: Caller, request: SynapseRequest, body: Mapping[str, Any], description: str
-    ) -> None:
-        """Synapse's own UIA, every stage the server offers, never the grace-period skip.
-        Raises Synapse's incomplete-UIA error, which the servlet answers with a 401."""
+    ) -> str | None:
+        """Synapse's own UIA, every stage the server offers, never the grace-period skip;
+        the ID of the session that passed. Raises `uia_challenge` (the servlet answers it
+        with a 401) until the user has authenticated."""
         if "auth" in body and body["auth"] is None:
             # Synapse 1.98 fails on `"auth": null` with a 500; later releases treat it as
             # absent, as this does on every release.
             body = {field: value for field, value in body.items() if field != "auth"}
-        await self._auth_handler.validate_user_via_ui_auth(
+        _, session_id = await self._auth_handler.validate_user_via_ui_auth(
             caller.requester, request, dict(body), description, can_skip_ui_auth=False
         )
+        return None if session_id is None else str(session_id)
+
+    async def fresh_uia_challenge(
+        self, caller: Caller, request: SynapseRequest, body: Mapping[str, Any], description: str
+    ) -> Exception:
+        """A new UIA session for the request, and Synapse's challenge for it (a `uia_challenge`
+        to raise): the session the request named, if any, is left out."""
+        without_auth = {field: value for field, value in body.items() if field != "auth"}
+        try:
+            await self.user_interactive_auth(caller, request, without_auth, description)
+        except self.uia_challenge as e:
+            return e
+        raise RuntimeError("Synapse's UIA passed a request without authentication")
 
     async def upload(self, user_id: str, fields: Mapping[str, JsonKey]) -> None:
         """Synapse's upload of the keys in `fields` (request body fields)."""

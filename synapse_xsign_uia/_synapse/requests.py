@@ -22,6 +22,10 @@ class Caller:
     """The authenticated sender of a request."""
 
     user_id: str
+    # The device of the access token; None for an application service's own token.
+    device_id: str | None
+    # The client's address, as Synapse sees it (behind a proxy with `x_forwarded`).
+    ip_address: str
     # An application service acting for the user.
     is_appservice: bool
     # Whether the request came with an access token of the user's own (an application
@@ -31,9 +35,19 @@ class Caller:
     requester: Any = attrs.field(repr=False, eq=False)
 
 
-def _caller(requester: Any) -> Caller:
+def _ip_address(request: SynapseRequest) -> str:
+    # Synapse's request gives the client's address from `X-Forwarded-For` where the listener
+    # trusts it.
+    client: Any = request
+    return str(getattr(client.getClientAddress(), "host", "unknown"))
+
+
+def _caller(requester: Any, request: SynapseRequest) -> Caller:
+    device_id = getattr(requester, "device_id", None)
     return Caller(
         user_id=requester.user.to_string(),
+        device_id=None if device_id is None else str(device_id),
+        ip_address=_ip_address(request),
         # `app_service` up to Synapse 1.140, `app_service_id` after.
         is_appservice=bool(
             getattr(requester, "app_service_id", None) or getattr(requester, "app_service", None)
@@ -104,7 +118,8 @@ class Requests:
 
     async def caller(self, request: SynapseRequest) -> Caller:
         """The sender of `request` (`ModuleApi.get_user_by_req`)."""
-        return _caller(await _authenticate(request, lambda: self._api.get_user_by_req(request)))
+        requester = await _authenticate(request, lambda: self._api.get_user_by_req(request))
+        return _caller(requester, request)
 
     async def admin(self, request: SynapseRequest) -> Caller:
         """The sender of `request` if a server admin, else 403; Synapse's own check, so that
@@ -112,7 +127,7 @@ class Requests:
         count too."""
         requester = await _authenticate(request, lambda: self._auth.get_user_by_req(request))
         await resolve("synapse.rest.admin._base:assert_user_is_admin")(self._auth, requester)
-        return _caller(requester)
+        return _caller(requester, request)
 
     async def is_admin(self, caller: Caller) -> bool:
         """Synapse's own test, so that admins by token scope (delegated auth) count too."""

@@ -79,6 +79,7 @@ REQUIRED_HANDLER_METHODS = {
 # store methods exist only in the main process's store on older releases.
 REQUIRED_STORE_METHODS = (
     "get_e2e_cross_signing_keys_bulk",
+    "get_device",
     "mark_remote_users_device_caches_as_stale",
     "do_users_share_a_room",
     "get_destination_retry_timings",

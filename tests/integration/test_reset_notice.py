@@ -21,16 +21,17 @@ import pytest
 import synapse
 from synapse.module_api.errors import ConfigError
 
-from synapse_xsign_uia._synapse import parse_version
+from synapse_xsign_uia._synapse import Caller, parse_version
 from synapse_xsign_uia.config import DEFAULT_NOTICE_MESSAGE, parse_config
 from synapse_xsign_uia.notice import (
     DRAIN_INTERVAL_MS,
     MAX_ATTEMPTS,
     METHODS,
+    Reset,
     ResetNotifier,
-    check_server_notices,
+    check_notice_config,
     format_time,
-    notice_content,
+    notice_text,
 )
 from synapse_xsign_uia.policy import Rule
 from synapse_xsign_uia.store import Store
@@ -67,33 +68,35 @@ SYNC_FILTER = json.dumps({"room": {"timeline": {"limit": 100}}})
 
 
 def test_default_message_fills_every_placeholder() -> None:
-    content = notice_content(
-        DEFAULT_NOTICE_MESSAGE,
-        user_id="@alice:example.org",
-        server_name="example.org",
-        rule=Rule.UIA,
-        now_ms=1_714_566_896_789,
+    reset = Reset(
+        "@alice:example.org", Rule.UIA, 1_714_566_896_789, "PHONE", "Alice's phone", "192.0.2.7"
     )
-    assert content["msgtype"] == "m.text"
-    body = content["body"]
+    body = notice_text(DEFAULT_NOTICE_MESSAGE, reset, "example.org")
     assert "@alice:example.org" in body
     assert "2024-05-01T12:34:56Z" in body
     assert METHODS[Rule.UIA] in body
     assert "example.org" in body
+    assert "PHONE (Alice's phone)" in body
+    assert "192.0.2.7" in body
     assert "{" not in body and "}" not in body
 
 
 def test_custom_message() -> None:
     template = parse_config(
-        {"notify_on_reset": {"message": "{user_id} on {server_name}: {time} ({method}) {{ok}}"}}
+        {
+            "notify_on_reset": {
+                "message": "{user_id} on {server_name}: {time} ({method}) {device} {ip_address} {{ok}}"
+            }
+        }
     ).notify_on_reset.message
-    content = notice_content(
-        template, user_id="@a:hs", server_name="hs", rule=Rule.APPSERVICE, now_ms=0
+    reset = Reset("@a:hs", Rule.APPSERVICE, 0, None, None, "::1")
+    assert notice_text(template, reset, "hs") == (
+        f"@a:hs on hs: 1970-01-01T00:00:00Z ({METHODS[Rule.APPSERVICE]}) "
+        "none (an application service's own access token) ::1 {ok}"
     )
-    assert content == {
-        "msgtype": "m.text",
-        "body": f"@a:hs on hs: 1970-01-01T00:00:00Z ({METHODS[Rule.APPSERVICE]}) {{ok}}",
-    }
+    # A device without a display name is named by its ID.
+    unnamed = Reset("@a:hs", Rule.UIA, 0, "DEV", None, "::1")
+    assert "DEV ::1" in notice_text(template, unnamed, "hs")
 
 
 def test_only_replacing_rules_have_a_method() -> None:
@@ -111,13 +114,13 @@ def test_enabled_without_server_notices_is_refused_by_the_check() -> None:
         return SimpleNamespace(is_main_process=main, notices=SimpleNamespace(sender=lambda: mxid))
 
     with pytest.raises(ConfigError) as info:
-        check_server_notices(enabled, homeserver(None))
+        check_notice_config(enabled, homeserver(None))
     assert "'notify_on_reset.enabled'" in str(info.value)
     assert "server_notices" in str(info.value)
-    check_server_notices(enabled, homeserver("@notices:hs"))
+    check_notice_config(enabled, homeserver("@notices:hs"))
     # A worker only queues: the main process, which sends, is the one that needs it.
-    check_server_notices(enabled, homeserver(None, main=False))
-    check_server_notices(parse_config({}).notify_on_reset, homeserver(None))
+    check_notice_config(enabled, homeserver(None, main=False))
+    check_notice_config(parse_config({}).notify_on_reset, homeserver(None))
 
 
 # Delivery, with stand-ins for the homeserver and an SQLite database for the queue.
@@ -156,6 +159,9 @@ class FakeSynapse:
 
     def now_ms(self) -> int:
         return next(self._clock)
+
+    async def device_display_name(self, user_id: str, device_id: str) -> str | None:
+        return "Alice's phone"
 
     def run_in_background(self, desc: str, func: Any, *args: Any) -> None:
         self.background.append(func(*args))
@@ -196,6 +202,10 @@ def process(
     return FakeSynapse(db, notices or FakeNotices(), background, worker=worker)
 
 
+def caller(user_id: str) -> Caller:
+    return Caller(user_id, "PHONE", "192.0.2.7", False, True, None)
+
+
 def queued(db: sqlite3.Connection) -> list[tuple[str, int]]:
     return list(db.execute("SELECT user_id, attempts FROM synapse_xsign_uia_reset_notices"))
 
@@ -204,8 +214,10 @@ def test_notified_rules(background: list[Any]) -> None:
     notices = FakeNotices()
     with closing(sqlite3.connect(":memory:")) as db:
         for rule in Rule:
-            notifier(process(db, background, notices)).master_replaced(f"@{rule.value}:hs", rule)
-        notifier(process(db, background, notices), {}).master_replaced("@off:hs", Rule.UIA)
+            notifier(process(db, background, notices)).master_replaced(
+                caller(f"@{rule.value}:hs"), rule
+            )
+        notifier(process(db, background, notices), {}).master_replaced(caller("@off:hs"), Rule.UIA)
         for coroutine in background:
             asyncio.run(coroutine)
     assert [user_id for user_id, _ in notices.sent] == [
@@ -218,7 +230,7 @@ def test_a_failing_notice_is_logged_not_raised(
 ) -> None:
     with closing(sqlite3.connect(":memory:")) as db:
         failing = process(db, background, FakeNotices(failing=True))
-        notifier(failing).master_replaced("@a:hs", Rule.UIA)
+        notifier(failing).master_replaced(caller("@a:hs"), Rule.UIA)
         asyncio.run(background.pop())
     assert "Could not send the identity-reset notice to @a:hs (rule=uia)" in caplog.text
 
@@ -234,8 +246,8 @@ def test_a_worker_queues_and_the_main_process_sends(background: list[Any]) -> No
         assert worker.periodic == []
         assert [ms for _, ms in main.periodic] == [DRAIN_INTERVAL_MS]
 
-        on_worker.master_replaced("@first:hs", Rule.UIA)
-        on_worker.master_replaced("@second:hs", Rule.REPLACEMENT_WINDOW)
+        on_worker.master_replaced(caller("@first:hs"), Rule.UIA)
+        on_worker.master_replaced(caller("@second:hs"), Rule.REPLACEMENT_WINDOW)
         for coroutine in background:
             asyncio.run(coroutine)
         assert queued(db) == [("@first:hs", 0), ("@second:hs", 0)]
@@ -250,7 +262,7 @@ def test_a_queued_notice_is_retried_then_dropped(
     background: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     with closing(sqlite3.connect(":memory:")) as db:
-        notifier(process(db, background, worker=True)).master_replaced("@a:hs", Rule.UIA)
+        notifier(process(db, background, worker=True)).master_replaced(caller("@a:hs"), Rule.UIA)
         asyncio.run(background.pop())
         on_main = notifier(process(db, background, FakeNotices(failing=True)))
         for attempt in range(1, MAX_ATTEMPTS):

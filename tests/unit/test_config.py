@@ -33,6 +33,7 @@ def test_defaults() -> None:
         replacement_window_ms=600_000,
         max_replacement_window_ms=86_400_000,
         appservice_without_uia=True,
+        strict_uia_sessions=True,
         device_list_resync=ResyncConfig(
             enabled=True,
             timeout_ms=10_000,
@@ -40,7 +41,7 @@ def test_defaults() -> None:
             rate_per_second=0.2,
             burst_count=5,
         ),
-        notify_on_reset=NoticeConfig(enabled=False, message=DEFAULT_NOTICE_MESSAGE),
+        notify_on_reset=NoticeConfig(enabled=False, email=False, message=DEFAULT_NOTICE_MESSAGE),
     )
 
 
@@ -63,6 +64,7 @@ def test_every_key() -> None:
             "replacement_window": "30s",
             "max_replacement_window": "2h",
             "appservice_without_uia": False,
+            "strict_uia_sessions": False,
             "device_list_resync": {
                 "enabled": False,
                 "timeout": 2500,
@@ -70,7 +72,7 @@ def test_every_key() -> None:
                 "rate_per_second": 3,
                 "burst_count": 7,
             },
-            "notify_on_reset": {"enabled": True, "message": "Reset at {time}."},
+            "notify_on_reset": {"enabled": True, "email": True, "message": "Reset at {time}."},
         }
     )
     assert config == Config(
@@ -79,6 +81,7 @@ def test_every_key() -> None:
         replacement_window_ms=30_000,
         max_replacement_window_ms=7_200_000,
         appservice_without_uia=False,
+        strict_uia_sessions=False,
         device_list_resync=ResyncConfig(
             enabled=False,
             timeout_ms=2500,
@@ -86,7 +89,7 @@ def test_every_key() -> None:
             rate_per_second=3.0,
             burst_count=7,
         ),
-        notify_on_reset=NoticeConfig(enabled=True, message="Reset at {time}."),
+        notify_on_reset=NoticeConfig(enabled=True, email=True, message="Reset at {time}."),
     )
 
 
@@ -144,6 +147,7 @@ def test_bad_durations(value: Any, message: str) -> None:
         "first_upload_without_uia",
         "identical_reupload_without_uia",
         "appservice_without_uia",
+        "strict_uia_sessions",
     ],
 )
 @pytest.mark.parametrize("value", ["true", 1, 0, None, "yes"])
@@ -229,6 +233,8 @@ def test_default_notice_message_uses_known_placeholders() -> None:
     [
         ({"enabled": "yes"}, "'notify_on_reset.enabled' must be true or false"),
         ({"enabled": None}, "'notify_on_reset.enabled' must be true or false"),
+        ({"email": "yes"}, "'notify_on_reset.email' must be true or false"),
+        ({"email": 1}, "'notify_on_reset.email' must be true or false"),
         ({"message": ""}, "'notify_on_reset.message' must not be empty"),
         ({"message": " \n"}, "'notify_on_reset.message' must not be empty"),
         ({"message": None}, "'notify_on_reset.message' must be a string"),

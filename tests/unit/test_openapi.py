@@ -153,7 +153,7 @@ def served_methods(names: Iterable[str]) -> set[str]:
 
 
 # What the handlers are built with is not used by the tests below.
-STAND_IN: Any = SimpleNamespace(server_name="openapi.test")
+STAND_IN: Any = SimpleNamespace(server_name="openapi.test", is_main_process=False)
 
 
 def test_upload_path_and_method_match_the_servlet() -> None:

@@ -16,12 +16,15 @@ from synapse_xsign_uia.policy import (
     Decision,
     Facts,
     Rule,
+    SessionVerdict,
     Toggles,
+    UiaSessionRecord,
     changed_keys,
     consequences,
     decide,
     decide_early,
     is_identical,
+    judge_uia_session,
     requested_keys,
 )
 
@@ -313,3 +316,74 @@ def test_every_rule_is_reachable(rule: Rule) -> None:
         Rule.UIA: facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}),
     }
     assert decide(ON, examples[rule]).rule is rule
+
+
+# UIA sessions (`strict_uia_sessions`).
+
+RECORD = UiaSessionRecord(device_id="PHONE", keys_fingerprint="A", spent=False)
+
+
+def judge(record: UiaSessionRecord | None, **kwargs: Any) -> SessionVerdict:
+    arguments: dict[str, Any] = {
+        "device_id": "PHONE",
+        "keys_fingerprint": "A",
+        "brings_credentials": False,
+        **kwargs,
+    }
+    return judge_uia_session(record, **arguments)
+
+
+def test_a_session_authorises_the_write_it_was_offered_for() -> None:
+    assert judge(RECORD) is SessionVerdict.AUTHORISES
+    assert judge(RECORD, brings_credentials=True) is SessionVerdict.AUTHORISES
+
+
+def test_a_spent_session_authorises_nothing() -> None:
+    spent = attrs.evolve(RECORD, spent=True)
+    assert judge(spent) is SessionVerdict.SPENT
+    assert judge(spent, brings_credentials=True) is SessionVerdict.SPENT
+
+
+def test_a_session_is_bound_to_its_device() -> None:
+    assert judge(RECORD, device_id="LAPTOP") is SessionVerdict.OTHER_DEVICE
+    assert judge(RECORD, device_id=None) is SessionVerdict.OTHER_DEVICE
+    assert judge(RECORD, device_id="LAPTOP", brings_credentials=True) is (
+        SessionVerdict.OTHER_DEVICE
+    )
+
+
+def test_a_session_alone_is_bound_to_its_keys() -> None:
+    assert judge(RECORD, keys_fingerprint="B") is SessionVerdict.OTHER_KEYS
+    # Credentials authenticate the request itself.
+    assert judge(RECORD, keys_fingerprint="B", brings_credentials=True) is (
+        SessionVerdict.AUTHORISES
+    )
+
+
+def test_a_session_the_module_never_offered() -> None:
+    assert judge(None) is SessionVerdict.UNKNOWN
+    # One created by this very request, which brought a password.
+    assert judge(None, brings_credentials=True) is SessionVerdict.AUTHORISES
+
+
+@given(
+    st.none()
+    | st.builds(
+        UiaSessionRecord, st.sampled_from(["P", "L", None]), st.sampled_from("AB"), st.booleans()
+    ),
+    st.sampled_from(["P", "L", None]),
+    st.sampled_from("AB"),
+    st.booleans(),
+)
+def test_a_session_authorises_only_what_it_was_offered_for(
+    record: UiaSessionRecord | None, device_id: str | None, fingerprint: str, credentials: bool
+) -> None:
+    verdict = judge_uia_session(
+        record, device_id=device_id, keys_fingerprint=fingerprint, brings_credentials=credentials
+    )
+    if verdict is SessionVerdict.AUTHORISES:
+        if record is None:
+            assert credentials
+        else:
+            assert not record.spent and record.device_id == device_id
+            assert credentials or record.keys_fingerprint == fingerprint

@@ -1,0 +1,160 @@
+"""Single-use UIA sessions, bound to the device and the keys they were offered for
+(`strict_uia_sessions`).
+
+Synapse keeps a completed UIA session for 48 hours and lets a request that carries only its
+ID through again, from any device of the user, whatever the request asks for. For this
+endpoint the module records, for each challenge it sends, the device it went to and the keys
+it was for; when UIA has passed it asks `policy` whether the session may authorise this
+write, and once the keys are stored it marks the session spent. The records live in a table
+of the module's, so that they hold across processes, and are deleted once Synapse's session
+has expired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from synapse_xsign_uia import policy
+from synapse_xsign_uia.policy import JsonKey, SessionVerdict
+from synapse_xsign_uia.store import SessionOffer
+
+if TYPE_CHECKING:
+    from synapse.http.site import SynapseRequest
+
+    from synapse_xsign_uia._synapse import Caller, Synapse
+    from synapse_xsign_uia.store import Store
+
+logger = logging.getLogger(__name__)
+
+# How long Synapse keeps a UIA session (`AuthHandler.SESSION_EXPIRE_MS`); a record is of no
+# use after that.
+SESSION_LIFETIME_MS = 48 * 60 * 60 * 1000
+CLEANUP_INTERVAL_MS = 60 * 60 * 1000
+# What Synapse's UIA tells the user they are authenticating for.
+UIA_DESCRIPTION = "reset the device signing key on your account"
+
+
+class SessionRefused(Exception):
+    """The session a request presented may not authorise its write. Carries Synapse's
+    challenge for a fresh session, which the servlet answers with a 401."""
+
+    def __init__(self, verdict: SessionVerdict, challenge: Exception) -> None:
+        super().__init__(f"UIA session refused: {verdict.value}")
+        self.verdict = verdict
+        self.challenge = challenge
+
+
+def keys_fingerprint(requested: Mapping[str, JsonKey]) -> str:
+    """A canonical hash of the keys of a request (by key type), the same for any order of
+    fields or spacing in the body."""
+    canonical = json.dumps(
+        requested, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def brings_credentials(auth: Any) -> bool:
+    """Whether the request's `auth` attempts a stage itself (a password, say), rather than
+    only naming a session completed earlier (or out of band, as single sign-on is)."""
+    return isinstance(auth, dict) and auth.get("type") is not None
+
+
+class UiaSessions:
+    """The bookkeeping of UIA sessions for the upload endpoint, for one process."""
+
+    def __init__(self, synapse: Synapse, store: Store) -> None:
+        self._synapse = synapse
+        self._store = store
+        # One process is enough to delete what has expired.
+        if synapse.is_main_process:
+            synapse.run_in_background("synapse_xsign_uia_expire_uia_sessions", self.expire)
+            synapse.run_periodically(
+                "synapse_xsign_uia_expire_uia_sessions", self.expire, CLEANUP_INTERVAL_MS
+            )
+
+    async def authenticate(
+        self, caller: Caller, request: SynapseRequest, body: Mapping[str, Any], requested: Any
+    ) -> str | None:
+        """Synapse's UIA for writing `requested`, then the session's verdict; the ID of the
+        session that authorises the write. Raises Synapse's challenge (a 401) until the user
+        has authenticated, and `SessionRefused` when the session may not authorise it."""
+        keys = self._synapse.keys
+        try:
+            session_id = await keys.user_interactive_auth(caller, request, body, UIA_DESCRIPTION)
+        except keys.uia_challenge as e:
+            await self.offered(str(getattr(e, "session_id", "")), caller, requested)
+            raise
+        if session_id is None:
+            return None
+        verdict = await self.verdict(session_id, caller, requested, body.get("auth"))
+        if verdict is SessionVerdict.AUTHORISES:
+            return session_id
+        fresh = await keys.fresh_uia_challenge(caller, request, body, UIA_DESCRIPTION)
+        await self.offered(str(getattr(fresh, "session_id", "")), caller, requested)
+        raise SessionRefused(verdict, fresh)
+
+    def _offer(
+        self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey]
+    ) -> SessionOffer:
+        return SessionOffer(
+            session_id,
+            caller.user_id,
+            caller.device_id,
+            keys_fingerprint(requested),
+            self._synapse.now_ms(),
+        )
+
+    async def offered(
+        self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey]
+    ) -> None:
+        """A challenge for `session_id` went to `caller` for `requested`. The first one
+        counts: a wrong password is answered with the same session."""
+        await self._store.record_uia_session(self._offer(session_id, caller, requested))
+
+    async def verdict(
+        self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey], auth: Any
+    ) -> SessionVerdict:
+        """Whether the completed session `session_id` may authorise writing `requested`."""
+        record = await self._store.uia_session(session_id, caller.user_id)
+        verdict = policy.judge_uia_session(
+            record,
+            device_id=caller.device_id,
+            keys_fingerprint=keys_fingerprint(requested),
+            brings_credentials=brings_credentials(auth),
+        )
+        if verdict is not SessionVerdict.AUTHORISES:
+            logger.info(
+                "UIA session refused: user=%s device=%s session=%s reason=%s",
+                caller.user_id,
+                caller.device_id,
+                session_id,
+                verdict.value,
+            )
+        return verdict
+
+    async def spend(
+        self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey]
+    ) -> None:
+        """The session authorises a write: from now on it authorises nothing more. Called
+        under the upload lock, before the write, so that a session is never used twice
+        even if recording it fails."""
+        await self._store.spend_uia_session(self._offer(session_id, caller, requested))
+
+    async def unspend(self, session_id: str) -> None:
+        """The write the session was spent on failed: it wrote nothing, so it used nothing."""
+        await self._store.unspend_uia_session(session_id)
+
+    async def expire(self) -> None:
+        try:
+            deleted = await self._store.delete_uia_sessions_before(
+                self._synapse.now_ms() - SESSION_LIFETIME_MS
+            )
+        except Exception:
+            logger.warning("Could not delete expired UIA session records", exc_info=True)
+            return
+        if deleted:
+            logger.info("Deleted %d expired UIA session record(s)", deleted)
