@@ -137,7 +137,8 @@ class SessionOffer:
     at_ms: int
 
 
-def _save_uia_session(cursor: Any, offer: SessionOffer, spent: bool) -> None:
+def _save_uia_session(cursor: Any, offer: SessionOffer, spent_at_ms: int | None) -> None:
+    spent = spent_at_ms is not None
     on_conflict = "DO UPDATE SET used_at_ms = excluded.used_at_ms" if spent else "DO NOTHING"
     cursor.execute(
         f"INSERT INTO {UIA_SESSIONS_TABLE}"
@@ -149,7 +150,7 @@ def _save_uia_session(cursor: Any, offer: SessionOffer, spent: bool) -> None:
             offer.device_id,
             offer.keys_hash,
             offer.at_ms,
-            offer.at_ms if spent else None,
+            spent_at_ms,
         ),
     )
 
@@ -180,6 +181,11 @@ class Store:
     async def _run(self, desc: str, txn: Any, *args: Any) -> Any:
         await self.create_tables()
         return await self._synapse.run_db_interaction(f"synapse_xsign_uia_{desc}", txn, *args)
+
+    async def _run_statement(self, desc: str, statement: Any, *args: Any) -> Any:
+        """`_run` for a function that executes one statement."""
+        await self.create_tables()
+        return await self._synapse.run_db_statement(f"synapse_xsign_uia_{desc}", statement, *args)
 
     # The admin replacement window.
 
@@ -268,7 +274,7 @@ class Store:
     async def record_uia_session(self, offer: SessionOffer) -> None:
         """Record the device and keys a session was offered for; a session already recorded
         keeps what it was first offered for."""
-        await self._run("record_uia_session", _save_uia_session, offer, False)
+        await self._run_statement("record_uia_session", _save_uia_session, offer, None)
 
     async def uia_session(self, session_id: str, user_id: str) -> UiaSessionRecord | None:
         def txn(cursor: Any) -> UiaSessionRecord | None:
@@ -282,13 +288,13 @@ class Store:
                 return None
             return UiaSessionRecord(row[0], str(row[1]), spent=row[2] is not None)
 
-        record: UiaSessionRecord | None = await self._run("uia_session", txn)
+        record: UiaSessionRecord | None = await self._run_statement("uia_session", txn)
         return record
 
-    async def spend_uia_session(self, offer: SessionOffer) -> None:
+    async def spend_uia_session(self, offer: SessionOffer, now_ms: int) -> None:
         """Mark the session as having authorised a write; recorded now if it was not (a
         session created by a request that brought its own credentials)."""
-        await self._run("spend_uia_session", _save_uia_session, offer, True)
+        await self._run_statement("spend_uia_session", _save_uia_session, offer, now_ms)
 
     async def unspend_uia_session(self, session_id: str) -> None:
         def txn(cursor: Any) -> None:
@@ -297,7 +303,7 @@ class Store:
                 (session_id,),
             )
 
-        await self._run("unspend_uia_session", txn)
+        await self._run_statement("unspend_uia_session", txn)
 
     async def delete_uia_sessions_before(self, before_ms: int) -> int:
         """Delete the records of sessions created before `before_ms`; how many."""
@@ -308,5 +314,5 @@ class Store:
             )
             return int(cursor.rowcount)
 
-        deleted: int = await self._run("expire_uia_sessions", txn)
+        deleted: int = await self._run_statement("expire_uia_sessions", txn)
         return deleted

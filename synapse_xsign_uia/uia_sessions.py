@@ -3,15 +3,19 @@
 
 Synapse keeps a completed UIA session for 48 hours and lets a request that carries only its
 ID through again, from any device of the user, whatever the request asks for. For this
-endpoint the module records, for each challenge it sends, the device it went to and the keys
-it was for; when UIA has passed it asks `policy` whether the session may authorise this
-write, and once the keys are stored it marks the session spent. The records live in a table
-of the module's, so that they hold across processes, and are deleted once Synapse's session
-has expired.
+endpoint the module remembers, for each challenge it sends, the device it went to and the
+keys it was for; when UIA has passed it asks `policy` whether the session may authorise this
+write, and before the keys are stored it marks the session spent.
+
+Spent sessions are recorded in a table of the module's, so that they hold across processes
+and restarts; with workers, what each challenge was for is recorded there too (in the
+background: a challenge does not wait for it), for the process that sees the session
+completed. Records are deleted once Synapse's session has expired.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -19,7 +23,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from synapse_xsign_uia import policy
-from synapse_xsign_uia.policy import JsonKey, SessionVerdict
+from synapse_xsign_uia.policy import JsonKey, SessionVerdict, UiaSessionRecord
 from synapse_xsign_uia.store import SessionOffer
 
 if TYPE_CHECKING:
@@ -34,6 +38,9 @@ logger = logging.getLogger(__name__)
 # use after that.
 SESSION_LIFETIME_MS = 48 * 60 * 60 * 1000
 CLEANUP_INTERVAL_MS = 60 * 60 * 1000
+# The most offers a process keeps in memory; past that the oldest are forgotten, and a
+# request naming one with no credentials of its own gets a fresh challenge.
+MAX_REMEMBERED_OFFERS = 100_000
 # What Synapse's UIA tells the user they are authenticating for.
 UIA_DESCRIPTION = "reset the device signing key on your account"
 
@@ -69,6 +76,10 @@ class UiaSessions:
     def __init__(self, synapse: Synapse, store: Store) -> None:
         self._synapse = synapse
         self._store = store
+        # What this process offered, by session ID, oldest first: a challenge does not wait
+        # for the database. With workers each offer is also recorded in the database, in the
+        # background, for the process that sees the session completed.
+        self._offers: collections.OrderedDict[str, SessionOffer] = collections.OrderedDict()
         # One process is enough to delete what has expired.
         if synapse.is_main_process:
             synapse.run_in_background("synapse_xsign_uia_expire_uia_sessions", self.expire)
@@ -86,7 +97,7 @@ class UiaSessions:
         try:
             session_id = await keys.user_interactive_auth(caller, request, body, UIA_DESCRIPTION)
         except keys.uia_challenge as e:
-            await self.offered(str(getattr(e, "session_id", "")), caller, requested)
+            self.offered(str(getattr(e, "session_id", "")), caller, requested)
             raise
         if session_id is None:
             return None
@@ -94,7 +105,7 @@ class UiaSessions:
         if verdict is SessionVerdict.AUTHORISES:
             return session_id
         fresh = await keys.fresh_uia_challenge(caller, request, body, UIA_DESCRIPTION)
-        await self.offered(str(getattr(fresh, "session_id", "")), caller, requested)
+        self.offered(str(getattr(fresh, "session_id", "")), caller, requested)
         raise SessionRefused(verdict, fresh)
 
     def _offer(
@@ -108,18 +119,50 @@ class UiaSessions:
             self._synapse.now_ms(),
         )
 
-    async def offered(
-        self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey]
-    ) -> None:
+    def offered(self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey]) -> None:
         """A challenge for `session_id` went to `caller` for `requested`. The first one
         counts: a wrong password is answered with the same session."""
-        await self._store.record_uia_session(self._offer(session_id, caller, requested))
+        if session_id in self._offers:
+            return
+        offer = self._offers[session_id] = self._offer(session_id, caller, requested)
+        self._forget_old_offers(offer.at_ms)
+        if self._synapse.with_workers:
+            self._synapse.run_in_background(
+                "synapse_xsign_uia_record_uia_session", self._record, offer
+            )
+
+    def _forget_old_offers(self, now_ms: int) -> None:
+        while self._offers:
+            oldest = next(iter(self._offers.values()))
+            expired = oldest.at_ms < now_ms - SESSION_LIFETIME_MS
+            if not expired and len(self._offers) <= MAX_REMEMBERED_OFFERS:
+                return
+            self._offers.popitem(last=False)
+
+    async def _record(self, offer: SessionOffer) -> None:
+        try:
+            await self._store.record_uia_session(offer)
+        except Exception:
+            logger.warning(
+                "Could not record UIA session %s of %s",
+                offer.session_id,
+                offer.user_id,
+                exc_info=True,
+            )
+
+    async def _record_of(self, session_id: str, user_id: str) -> UiaSessionRecord | None:
+        """What was recorded of the session, or else what this process offered."""
+        record = await self._store.uia_session(session_id, user_id)
+        offer = self._offers.get(session_id)
+        if record is None and offer is not None and offer.user_id == user_id:
+            return UiaSessionRecord(offer.device_id, offer.keys_hash, spent=False)
+        return record
 
     async def verdict(
         self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey], auth: Any
     ) -> SessionVerdict:
         """Whether the completed session `session_id` may authorise writing `requested`."""
-        record = await self._store.uia_session(session_id, caller.user_id)
+        record = await self._record_of(session_id, caller.user_id)
         verdict = policy.judge_uia_session(
             record,
             device_id=caller.device_id,
@@ -142,7 +185,9 @@ class UiaSessions:
         """The session authorises a write: from now on it authorises nothing more. Called
         under the upload lock, before the write, so that a session is never used twice
         even if recording it fails."""
-        await self._store.spend_uia_session(self._offer(session_id, caller, requested))
+        # The record keeps what the session was offered for, if this process offered it.
+        offer = self._offers.get(session_id) or self._offer(session_id, caller, requested)
+        await self._store.spend_uia_session(offer, self._synapse.now_ms())
 
     async def unspend(self, session_id: str) -> None:
         """The write the session was spent on failed: it wrote nothing, so it used nothing."""

@@ -1,15 +1,18 @@
-"""The pure parts of the UIA-session bookkeeping: the keys' fingerprint and what counts as
-credentials of a request's own."""
+"""The UIA-session bookkeeping without a homeserver: the keys' fingerprint, what counts as
+credentials of a request's own, and the offers a process keeps in memory."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_xsign_uia.uia_sessions import brings_credentials, keys_fingerprint
+from synapse_xsign_uia import uia_sessions
+from synapse_xsign_uia.uia_sessions import UiaSessions, brings_credentials, keys_fingerprint
 
 KEYS = {
     "master": {"user_id": "@a:hs", "usage": ["master"], "keys": {"ed25519:M": "M"}},
@@ -57,3 +60,40 @@ def test_credentials_are_a_stage_attempted() -> None:
     assert not brings_credentials({"session": "S", "type": None})
     assert not brings_credentials(None)
     assert not brings_credentials("S")
+
+
+class Clock:
+    is_main_process = False
+    with_workers = False
+
+    def __init__(self) -> None:
+        self.now = 1_000_000_000
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+def caller(device_id: str) -> Any:
+    return SimpleNamespace(user_id="@a:hs", device_id=device_id)
+
+
+def test_offers_in_memory_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uia_sessions, "MAX_REMEMBERED_OFFERS", 3)
+    clock = Clock()
+    sessions = UiaSessions(cast(Any, clock), cast(Any, None))
+    for n in range(5):
+        sessions.offered(f"S{n}", caller("PHONE"), KEYS)
+    assert list(sessions._offers) == ["S2", "S3", "S4"]
+    # The first offer of a session counts.
+    sessions.offered("S4", caller("LAPTOP"), {})
+    assert sessions._offers["S4"].device_id == "PHONE"
+    assert sessions._offers["S4"].keys_hash == keys_fingerprint(KEYS)
+
+
+def test_offers_are_forgotten_with_synapse_s_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    sessions = UiaSessions(cast(Any, clock), cast(Any, None))
+    sessions.offered("OLD", caller("PHONE"), KEYS)
+    clock.now += uia_sessions.SESSION_LIFETIME_MS + 1
+    sessions.offered("NEW", caller("PHONE"), KEYS)
+    assert list(sessions._offers) == ["NEW"]
