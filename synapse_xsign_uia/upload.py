@@ -134,9 +134,7 @@ class UploadHandler:
             return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
         # Signatures are checked after UIA, as Synapse does: a challenge costs no signature
         # verification.
-        validation.check_unwritten_signatures(
-            attempt.requested, written, stored.keys, attempt.user_id
-        )
+        validation.check_signatures(attempt.requested, stored.keys, attempt.user_id)
         await self._write(attempt, written, session_id)
         await self._after_write(attempt, decision.rule, stored, written)
         return self._answer(attempt, decision.rule, UploadOutcome.UPLOADED)
@@ -158,17 +156,12 @@ class UploadHandler:
     async def _write(
         self, attempt: Attempt, written: Mapping[str, JsonKey], session_id: str | None
     ) -> None:
-        fields = {
-            field: written[key_type]
-            for field, key_type in policy.KEY_FIELDS.items()
-            if key_type in written
-        }
         if self._sessions is None or session_id is None:
-            await self._synapse.keys.upload(attempt.user_id, fields)
+            await self._synapse.keys.store(attempt.user_id, written)
             return
         await self._sessions.spend(session_id, attempt.caller, attempt.requested)
         try:
-            await self._synapse.keys.upload(attempt.user_id, fields)
+            await self._synapse.keys.store(attempt.user_id, written)
         except BaseException:
             await self._sessions.unspend(session_id)
             raise

@@ -147,26 +147,6 @@ def check_signatures(
             ) from e
 
 
-def check_unwritten_signatures(
-    requested: Mapping[str, JsonKey],
-    written: Mapping[str, JsonKey],
-    stored: Mapping[str, JsonKey],
-    user_id: str,
-) -> None:
-    """Signatures of the requested keys that will not be written, checked against the master
-    key of the request.
-
-    Synapse verifies the keys it is given before writing any of them; the requested keys it
-    is not given (equal to the stored ones) are checked here, so that a request with a new
-    master key cannot re-send sub-keys the new master key did not sign.
-    """
-    check_signatures(
-        {k: v for k, v in requested.items() if k == "master" or k not in written},
-        stored,
-        user_id,
-    )
-
-
 def check_replacements(
     changed: Mapping[str, JsonKey], stored: Mapping[str, JsonKey], taken_ids: Collection[str]
 ) -> None:

@@ -18,7 +18,7 @@ from synapse_xsign_uia._synapse.notices import ServerNotices
 from synapse_xsign_uia._synapse.reactor import run_in_background
 from synapse_xsign_uia._synapse.requests import Requests
 from synapse_xsign_uia._synapse.servlets import Handler, NativeServlet, replace_servlet
-from synapse_xsign_uia._synapse.support import check_internals, synapse_version
+from synapse_xsign_uia._synapse.support import check_internals, writes_keys
 
 if TYPE_CHECKING:
     import re
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from synapse.server import HomeServer
 
 T = TypeVar("T")
-
-# From this release on, Synapse's workers serve the upload endpoint too.
-_UPLOAD_ON_WORKERS = (1, 135, 0)
 
 
 def _delegated_auth(hs: HomeServer) -> bool:
@@ -114,9 +111,9 @@ class Synapse:
         """Whether Synapse builds `servlet` in this process, by its configuration."""
         if "client" not in _listener_resources(self._hs):
             return False
-        if servlet is NativeServlet.ADMIN_WINDOW or synapse_version() < _UPLOAD_ON_WORKERS:
+        if servlet is NativeServlet.ADMIN_WINDOW:
             return self.is_main_process
-        return True
+        return writes_keys(self._hs)
 
     def serve_json(
         self, path: str, on_get: Callable[[SynapseRequest], Awaitable[tuple[int, Any]]]

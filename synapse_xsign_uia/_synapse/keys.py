@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from synapse.server import HomeServer
 
 _LOCK_NAME = "synapse_xsign_uia_upload"
+# The order Synapse writes the key types in.
+_KEY_TYPES = ("master", "self_signing", "user_signing")
 _NOT_CACHED = object()
 
 JsonKey = Mapping[str, Any]
@@ -108,7 +110,7 @@ class CrossSigningKeys:
         self._api = api
         self._hs = hs
         self._store: Any = hs.get_datastores().main
-        self._e2e_keys_handler: Any = hs.get_e2e_keys_handler()
+        self._device_handler: Any = hs.get_device_handler()
         self._auth_handler: Any = hs.get_auth_handler()
         self._with_workers = with_workers
         # Synapse's cached function behind `get_e2e_cross_signing_keys_bulk`; its cache
@@ -198,10 +200,49 @@ class CrossSigningKeys:
             return e
         raise RuntimeError("Synapse's UIA passed a request without authentication")
 
-    async def upload(self, user_id: str, fields: Mapping[str, JsonKey]) -> None:
-        """Synapse's upload of the keys in `fields` (request body fields)."""
+    async def store(self, user_id: str, keys: Mapping[str, JsonKey]) -> None:
+        """Store `keys` (by key type, checked by the caller) in one database transaction,
+        then tell what Synapse tells after an upload.
+
+        Synapse's own `upload_signing_keys_for_user` stores each key type in a transaction of
+        its own: a failure between two of them leaves half an identity. Here the rows of
+        every key (the key, the device ID its public key takes, the invalidation of Synapse's
+        cache of the user's keys, which workers receive through the cache stream) are written
+        together or not at all, and nobody is notified of a write that failed.
+        """
+        ordered = [(key_type, keys[key_type]) for key_type in _KEY_TYPES if key_type in keys]
+        if not ordered:
+            return
         if self._with_workers:
-            # Synapse verifies new sub-keys against the stored master key through its cache,
+            # Synapse's signature checks elsewhere read the master key through this cache,
             # which may not yet have seen a replacement made by another process.
             self._cached_keys_function.invalidate((user_id,))
-        await self._e2e_keys_handler.upload_signing_keys_for_user(user_id, dict(fields))
+        id_generator = self._store._cross_signing_id_gen
+        async with id_generator.get_next_mult(len(ordered)) as stream_ids:
+            await self._store.db_pool.runInteraction(
+                "synapse_xsign_uia_set_cross_signing_keys",
+                self._store_txn,
+                user_id,
+                list(zip(ordered, stream_ids, strict=True)),
+            )
+        await self._notify(user_id, keys)
+
+    def _store_txn(
+        self, txn: Any, user_id: str, rows: list[tuple[tuple[str, JsonKey], int]]
+    ) -> None:
+        for (key_type, key), stream_id in rows:
+            self._store._set_e2e_cross_signing_key_txn(txn, user_id, key_type, key, stream_id)
+
+    async def _notify(self, user_id: str, keys: Mapping[str, JsonKey]) -> None:
+        """What Synapse's upload notifies: the user's own clients of a new user-signing key
+        (the signature stream), and everyone sharing an encrypted room, local or remote, of
+        a new master or self-signing key (the device-list stream, by the key's device ID)."""
+        if "user_signing" in keys:
+            await self._device_handler.notify_user_signature_update(user_id, [user_id])
+        device_ids = [
+            str(next(iter(keys[key_type]["keys"].values())))
+            for key_type in ("master", "self_signing")
+            if key_type in keys
+        ]
+        if device_ids:
+            await self._device_handler.notify_device_update(user_id, device_ids)

@@ -54,7 +54,6 @@ REQUIRED_CLASS_METHODS = {
 REQUIRED_HS_METHODS = (
     "get_auth",
     "get_datastores",
-    "get_e2e_keys_handler",
     "get_auth_handler",
     "get_worker_locks_handler",
     "get_clock",
@@ -67,7 +66,6 @@ REQUIRED_HS_METHODS = (
 
 
 REQUIRED_HANDLER_METHODS = {
-    "get_e2e_keys_handler": ("upload_signing_keys_for_user",),
     "get_auth_handler": ("validate_user_via_ui_auth",),
     "get_worker_locks_handler": ("acquire_lock",),
     "get_federation_client": ("query_user_devices",),
@@ -123,6 +121,21 @@ def resolve(name: str) -> Any:
         raise _unsupported(f"{module_name}.{attr} is missing") from e
 
 
+# Needed only where keys are written: the main process, and workers from Synapse 1.135 (on
+# older releases a worker's device handler has no such methods, and no upload reaches it).
+REQUIRED_WRITER_HANDLER_METHODS = {
+    "get_device_handler": ("notify_device_update", "notify_user_signature_update"),
+}
+# Storing every key of an upload in one transaction; likewise only where keys are written.
+REQUIRED_WRITER_STORE_METHODS = ("_set_e2e_cross_signing_key_txn",)
+UPLOADS_ON_WORKERS = (1, 135, 0)
+
+
+def writes_keys(hs: HomeServer) -> bool:
+    """Whether Synapse serves the upload endpoint in this process."""
+    return hs.config.worker.worker_app is None or synapse_version() >= UPLOADS_ON_WORKERS
+
+
 def check_internals(hs: HomeServer) -> None:
     """Refuse to start if any private name the module relies on is missing."""
     for name in REQUIRED_NAMES:
@@ -134,7 +147,11 @@ def check_internals(hs: HomeServer) -> None:
     for method in REQUIRED_HS_METHODS:
         if not callable(getattr(hs, method, None)):
             raise _unsupported(f"HomeServer.{method} is missing")
-    for getter, methods in REQUIRED_HANDLER_METHODS.items():
+    writer = writes_keys(hs)
+    handler_methods: dict[str, tuple[str, ...]] = dict(REQUIRED_HANDLER_METHODS)
+    if writer:
+        handler_methods.update(REQUIRED_WRITER_HANDLER_METHODS)
+    for getter, methods in handler_methods.items():
         handler = getattr(hs, getter)()
         for method in methods:
             if not callable(getattr(handler, method, None)):
@@ -145,7 +162,18 @@ def check_internals(hs: HomeServer) -> None:
             raise _unsupported(f"the main datastore has no {method}")
     if not callable(getattr(getattr(store, "db_pool", None), "runInteraction", None)):
         raise _unsupported("the main datastore has no db_pool.runInteraction")
+    if writer:
+        _check_key_writer(store)
     keys_cache_function(store)
+
+
+def _check_key_writer(store: Any) -> None:
+    for method in REQUIRED_WRITER_STORE_METHODS:
+        if not callable(getattr(store, method, None)):
+            raise _unsupported(f"the main datastore has no {method}")
+    id_generator = getattr(store, "_cross_signing_id_gen", None)
+    if not callable(getattr(id_generator, "get_next_mult", None)):
+        raise _unsupported("the main datastore has no _cross_signing_id_gen.get_next_mult")
 
 
 def keys_cache_function(store: Any) -> Any:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import synapse
 from synapse.module_api.errors import ConfigError
 
 from synapse_xsign_uia import _synapse
@@ -42,12 +43,18 @@ def test_missing_name() -> None:
     assert "Synapse 1.98.0 to 1.163.2" in message
 
 
-def fake_homeserver(**missing: bool) -> Any:
+def fake_homeserver(worker_app: str | None = None, **missing: bool) -> Any:
     store = SimpleNamespace(
-        **{m: lambda: None for m in _synapse.REQUIRED_STORE_METHODS if m not in missing}
+        **{
+            m: lambda: None
+            for m in (*_synapse.REQUIRED_STORE_METHODS, *_synapse.REQUIRED_WRITER_STORE_METHODS)
+            if m not in missing
+        }
     )
     if "runInteraction" not in missing:
         store.db_pool = SimpleNamespace(runInteraction=lambda: None)
+    if "get_next_mult" not in missing:
+        store._cross_signing_id_gen = SimpleNamespace(get_next_mult=lambda: None)
     if "get_immediate" not in missing:
         store._get_bare_e2e_cross_signing_keys = SimpleNamespace(
             cache=SimpleNamespace(get_immediate=lambda: None), invalidate=lambda: None
@@ -55,15 +62,21 @@ def fake_homeserver(**missing: bool) -> Any:
     handler = SimpleNamespace(
         **{
             m: lambda: None
-            for methods in _synapse.REQUIRED_HANDLER_METHODS.values()
+            for required in (
+                _synapse.REQUIRED_HANDLER_METHODS,
+                _synapse.REQUIRED_WRITER_HANDLER_METHODS,
+            )
+            for methods in required.values()
             for m in methods
+            if m not in missing
         }
     )
     methods: dict[str, Any] = {m: (lambda: handler) for m in _synapse.REQUIRED_HS_METHODS}
     methods["get_datastores"] = lambda: SimpleNamespace(main=store)
     for name in missing:
         methods.pop(name, None)
-    return SimpleNamespace(**methods)
+    config = SimpleNamespace(worker=SimpleNamespace(worker_app=worker_app))
+    return SimpleNamespace(config=config, **methods)
 
 
 def test_complete_homeserver_passes() -> None:
@@ -88,6 +101,38 @@ def test_missing_keys_cache() -> None:
     with pytest.raises(ConfigError) as info:
         _synapse.check_internals(fake_homeserver(get_immediate=True))
     assert "_get_bare_e2e_cross_signing_keys" in str(info.value)
+    assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
+
+
+def test_a_process_that_writes_keys_needs_the_device_notifications(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.check_internals(fake_homeserver(notify_device_update=True))
+    assert "notify_device_update is missing" in str(info.value)
+    # A worker of a release that serves uploads on the main process only does not.
+    monkeypatch.setattr(synapse, "__version__", "1.98.0")
+    _synapse.check_internals(
+        fake_homeserver("synapse.app.generic_worker", notify_device_update=True)
+    )
+    monkeypatch.setattr(synapse, "__version__", "1.135.0")
+    with pytest.raises(ConfigError):
+        _synapse.check_internals(
+            fake_homeserver("synapse.app.generic_worker", notify_device_update=True)
+        )
+
+
+def test_missing_stream_id_generator() -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.check_internals(fake_homeserver(get_next_mult=True))
+    assert "_cross_signing_id_gen.get_next_mult" in str(info.value)
+    assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
+
+
+def test_missing_key_transaction_function() -> None:
+    with pytest.raises(ConfigError) as info:
+        _synapse.check_internals(fake_homeserver(_set_e2e_cross_signing_key_txn=True))
+    assert "_set_e2e_cross_signing_key_txn" in str(info.value)
     assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
 
 
