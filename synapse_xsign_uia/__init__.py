@@ -15,6 +15,7 @@ from synapse_xsign_uia.notice import ResetNotifier, check_notice_config
 from synapse_xsign_uia.resync import serve_resync_endpoint
 from synapse_xsign_uia.store import Store
 from synapse_xsign_uia.upload import UploadHandler
+from synapse_xsign_uia.user_lock import UserLock
 
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
@@ -36,13 +37,14 @@ class CrossSigningUIAModule:
         check_notice_config(config.notify_on_reset, synapse)
         self.store = store = Store(synapse)
         synapse.run_in_background("synapse_xsign_uia_create_tables", store.create_tables)
+        lock = UserLock(synapse, store)
         notifier = ResetNotifier(config.notify_on_reset, synapse, store)
-        upload = UploadHandler(config, synapse, store, notifier)
+        upload = UploadHandler(config, synapse, store, lock, notifier)
         self.servlets = {
             NativeServlet.UPLOAD: synapse.replace_servlet(NativeServlet.UPLOAD, upload.handlers)
         }
         if synapse.is_main_process:
-            admin = ReplacementWindowAdmin(config, synapse, store)
+            admin = ReplacementWindowAdmin(config, synapse, store, lock)
             self.servlets[NativeServlet.ADMIN_WINDOW] = synapse.replace_servlet(
                 NativeServlet.ADMIN_WINDOW, admin.handlers, ADMIN_WINDOW_PATTERNS
             )

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from synapse_xsign_uia._synapse import Native, Synapse
     from synapse_xsign_uia.config import Config
     from synapse_xsign_uia.store import Store, Window
+    from synapse_xsign_uia.user_lock import UserLock
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,11 @@ def _no_master_key() -> SynapseError:
 class ReplacementWindowAdmin:
     """The endpoint, on the main process (Synapse serves its admin API there)."""
 
-    def __init__(self, config: Config, synapse: Synapse, store: Store) -> None:
+    def __init__(self, config: Config, synapse: Synapse, store: Store, lock: UserLock) -> None:
         self._config = config
         self._synapse = synapse
         self._store = store
+        self._lock = lock
         self._metrics = metrics.for_server(synapse.server_name)
 
     @property
@@ -98,7 +100,7 @@ class ReplacementWindowAdmin:
             raise matrix_error(e) from e
         target = await self._registered(target)
         # Under the upload lock, an upload already deciding finishes before the grant lands.
-        async with self._synapse.keys.lock(target):
+        async with self._lock.hold(target):
             now_ms = self._synapse.now_ms()
             window = await self._store.grant_window(target, now_ms + duration_ms, admin, now_ms)
         if window is None or window.expires_ms is None:
@@ -130,7 +132,7 @@ class ReplacementWindowAdmin:
         admin, target = await self._target(request, user_id)
         target = await self._registered(target)
         # Under the upload lock: once this answers, no upload can still use the window.
-        async with self._synapse.keys.lock(target):
+        async with self._lock.hold(target):
             before = await self._store.revoke_window(target)
         if before is None:
             raise _no_master_key()

@@ -32,6 +32,8 @@ NOTICES_TABLE = "synapse_xsign_uia_reset_notices"
 # The UIA sessions the upload endpoint offered: to which device, for which keys, and whether
 # they have authorised a write (`strict_uia_sessions`).
 UIA_SESSIONS_TABLE = "synapse_xsign_uia_uia_sessions"
+# Who holds the lock on writing a user's keys, across processes, and until when.
+USER_LOCKS_TABLE = "synapse_xsign_uia_user_locks"
 
 _TABLES = {
     GRANTS_TABLE: (
@@ -45,6 +47,10 @@ _TABLES = {
     UIA_SESSIONS_TABLE: (
         "session_id TEXT NOT NULL PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT,"
         " keys_hash TEXT NOT NULL, created_at_ms BIGINT NOT NULL, used_at_ms BIGINT"
+    ),
+    USER_LOCKS_TABLE: (
+        "user_id TEXT NOT NULL PRIMARY KEY, holder TEXT NOT NULL, token TEXT NOT NULL,"
+        " expires_ms BIGINT NOT NULL"
     ),
 }
 _INDEXES = {
@@ -153,6 +159,23 @@ def _save_uia_session(cursor: Any, offer: SessionOffer, spent_at_ms: int | None)
             spent_at_ms,
         ),
     )
+
+
+class LockLost(Exception):
+    """The lease on a user's lock ended while this process held it (it stalled for longer
+    than the lease, and another process took the lock): what it was writing is not written."""
+
+
+def fence_user_lock_txn(cursor: Any, user_id: str, token: str, expires_ms: int) -> None:
+    """Inside a write's transaction: renew the lease `token` holds on the user's lock, or
+    raise `LockLost` if another process holds it now. On PostgreSQL the updated row stays
+    locked until the transaction ends, so the lease cannot change hands before the commit."""
+    cursor.execute(
+        f"UPDATE {USER_LOCKS_TABLE} SET expires_ms = ? WHERE user_id = ? AND token = ?",
+        (expires_ms, user_id, token),
+    )
+    if cursor.rowcount != 1:
+        raise LockLost(f"the lock on writing {user_id}'s keys was taken over")
 
 
 class Store:
@@ -316,3 +339,44 @@ class Store:
 
         deleted: int = await self._run_statement("expire_uia_sessions", txn)
         return deleted
+
+    # The lock on writing a user's keys, across processes.
+
+    async def try_lock_user(
+        self, user_id: str, holder: str, token: str, now_ms: int, expires_ms: int
+    ) -> bool:
+        """Take the user's lock for `token` until `expires_ms`, if nobody holds it or the
+        lease of whoever did has ended before `now_ms`."""
+
+        def statement(cursor: Any) -> bool:
+            cursor.execute(
+                f"INSERT INTO {USER_LOCKS_TABLE} AS held (user_id, holder, token, expires_ms)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+                " holder = excluded.holder, token = excluded.token,"
+                " expires_ms = excluded.expires_ms WHERE held.expires_ms < ?",
+                (user_id, holder, token, expires_ms, now_ms),
+            )
+            return bool(cursor.rowcount == 1)
+
+        taken: bool = await self._run_statement("lock_user", statement)
+        return taken
+
+    async def renew_user_locks(self, holder: str, expires_ms: int) -> None:
+        """Extend the lease of every lock `holder` holds."""
+
+        def statement(cursor: Any) -> None:
+            cursor.execute(
+                f"UPDATE {USER_LOCKS_TABLE} SET expires_ms = ? WHERE holder = ?",
+                (expires_ms, holder),
+            )
+
+        await self._run_statement("renew_user_locks", statement)
+
+    async def unlock_user(self, user_id: str, token: str) -> None:
+        def statement(cursor: Any) -> None:
+            cursor.execute(
+                f"DELETE FROM {USER_LOCKS_TABLE} WHERE user_id = ? AND token = ?",
+                (user_id, token),
+            )
+
+        await self._run_statement("unlock_user", statement)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from synapse_xsign_uia.config import Config
     from synapse_xsign_uia.notice import ResetNotifier
     from synapse_xsign_uia.store import Store
+    from synapse_xsign_uia.user_lock import UserLock
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,16 @@ class UploadHandler:
     """The upload endpoint for one homeserver process."""
 
     def __init__(
-        self, config: Config, synapse: Synapse, store: Store, notifier: ResetNotifier
+        self,
+        config: Config,
+        synapse: Synapse,
+        store: Store,
+        lock: UserLock,
+        notifier: ResetNotifier,
     ) -> None:
         self._synapse = synapse
         self._store = store
+        self._lock = lock
         self._notifier = notifier
         self._sessions = UiaSessions(synapse, store) if config.strict_uia_sessions else None
         self._toggles = Toggles(
@@ -83,7 +90,7 @@ class UploadHandler:
             if early is not None:
                 return self._answer(attempt, early.rule, UploadOutcome.NOTHING_WRITTEN)
             validation.check_keys(attempt.requested, caller.user_id)
-        async with keys.lock(caller.user_id):
+        async with self._lock.hold(caller.user_id):
             public_keys = [validation.public_key(key) for key in attempt.requested.values()]
             stored = await keys.stored_state(caller.user_id, public_keys)
             decision = policy.decide(self._toggles, self._facts(attempt, stored, cached))
@@ -156,12 +163,13 @@ class UploadHandler:
     async def _write(
         self, attempt: Attempt, written: Mapping[str, JsonKey], session_id: str | None
     ) -> None:
+        fence = self._lock.fence(attempt.user_id)
         if self._sessions is None or session_id is None:
-            await self._synapse.keys.store(attempt.user_id, written)
+            await self._synapse.keys.store(attempt.user_id, written, fence)
             return
         await self._sessions.spend(session_id, attempt.caller, attempt.requested)
         try:
-            await self._synapse.keys.store(attempt.user_id, written)
+            await self._synapse.keys.store(attempt.user_id, written, fence)
         except BaseException:
             await self._sessions.unspend(session_id)
             raise

@@ -10,7 +10,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from synapse.module_api import DirectServeJsonResource
+from synapse.module_api import DirectServeJsonResource, make_deferred_yieldable
+from twisted.internet import defer
 
 from synapse_xsign_uia._synapse.device_lists import DeviceLists
 from synapse_xsign_uia._synapse.keys import CrossSigningKeys
@@ -81,6 +82,8 @@ class Synapse:
         self._device_lists: DeviceLists | None = None
         config: Any = hs.config
         self.server_name: str = api.server_name
+        # This process's name among the homeserver's processes (`master` for the main one).
+        self.instance_name = str(getattr(config.worker, "instance_name", None) or "master")
         # Synapse serves its admin API, and sends server notices, from the main process.
         self.is_main_process: bool = config.worker.worker_app is None
         # Workers need Redis replication, so without Redis this process is the only writer.
@@ -165,6 +168,11 @@ class Synapse:
         `Clock.call_later` changed its signature between the supported releases."""
         reactor: Any = self._hs.get_reactor()
         return reactor.callLater(delay_s, callback, *args)
+
+    async def sleep(self, seconds: float) -> None:
+        waited: defer.Deferred[None] = defer.Deferred()
+        self.call_later(seconds, waited.callback, None)
+        await make_deferred_yieldable(waited)
 
     def stop(self) -> None:
         """Stop the homeserver."""

@@ -1,12 +1,12 @@
-"""A user's cross-signing keys in Synapse: the per-user lock, the stored state read past
-Synapse's caches, Synapse's UIA, its key upload, and the replacement-window column of the
-master key's row."""
+"""A user's cross-signing keys in Synapse: the per-user lock within a process, the stored
+state read past Synapse's caches, Synapse's UIA, the write of an upload's keys in one
+transaction, and the replacement-window column of the master key's row."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Collection, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
     from synapse.server import HomeServer
 
-_LOCK_NAME = "synapse_xsign_uia_upload"
 # The order Synapse writes the key types in.
 _KEY_TYPES = ("master", "self_signing", "user_signing")
 _NOT_CACHED = object()
@@ -123,19 +122,9 @@ class CrossSigningKeys:
             "synapse.api.errors:InteractiveAuthIncompleteError"
         )
 
-    def lock(self, user_id: str) -> AbstractAsyncContextManager[None]:
-        """Serialise the writers of one user's keys: in this process always, and across
-        processes with Synapse's database-backed worker lock when there are workers."""
-        if not self._with_workers:
-            return self._user_locks.hold(user_id)
-        return self._process_and_worker_lock(user_id)
-
-    @asynccontextmanager
-    async def _process_and_worker_lock(self, user_id: str) -> AsyncIterator[None]:
-        worker_locks = self._hs.get_worker_locks_handler()
-        # The process lock first: waiters of this process queue here, not in the database.
-        async with self._user_locks.hold(user_id), worker_locks.acquire_lock(_LOCK_NAME, user_id):
-            yield
+    def process_lock(self, user_id: str) -> AbstractAsyncContextManager[None]:
+        """Mutual exclusion per user within this process, in arrival order."""
+        return self._user_locks.hold(user_id)
 
     def cached(self, user_id: str, key_types: Collection[str]) -> dict[str, JsonKey] | None:
         """The user's stored keys of `key_types` as Synapse's cache holds them, without a
@@ -200,9 +189,15 @@ class CrossSigningKeys:
             return e
         raise RuntimeError("Synapse's UIA passed a request without authentication")
 
-    async def store(self, user_id: str, keys: Mapping[str, JsonKey]) -> None:
+    async def store(
+        self,
+        user_id: str,
+        keys: Mapping[str, JsonKey],
+        also: Callable[[Any], None] | None = None,
+    ) -> None:
         """Store `keys` (by key type, checked by the caller) in one database transaction,
-        then tell what Synapse tells after an upload.
+        then tell what Synapse tells after an upload. `also(cursor)` runs first in the same
+        transaction; what it raises undoes the write.
 
         Synapse's own `upload_signing_keys_for_user` stores each key type in a transaction of
         its own: a failure between two of them leaves half an identity. Here the rows of
@@ -224,12 +219,19 @@ class CrossSigningKeys:
                 self._store_txn,
                 user_id,
                 list(zip(ordered, stream_ids, strict=True)),
+                also,
             )
         await self._notify(user_id, keys)
 
     def _store_txn(
-        self, txn: Any, user_id: str, rows: list[tuple[tuple[str, JsonKey], int]]
+        self,
+        txn: Any,
+        user_id: str,
+        rows: list[tuple[tuple[str, JsonKey], int]],
+        also: Callable[[Any], None] | None,
     ) -> None:
+        if also is not None:
+            also(txn)
         for (key_type, key), stream_id in rows:
             self._store._set_e2e_cross_signing_key_txn(txn, user_id, key_type, key, stream_id)
 

@@ -55,7 +55,6 @@ REQUIRED_HS_METHODS = (
     "get_auth",
     "get_datastores",
     "get_auth_handler",
-    "get_worker_locks_handler",
     "get_clock",
     "get_reactor",
     "get_device_handler",
@@ -67,7 +66,6 @@ REQUIRED_HS_METHODS = (
 
 REQUIRED_HANDLER_METHODS = {
     "get_auth_handler": ("validate_user_via_ui_auth",),
-    "get_worker_locks_handler": ("acquire_lock",),
     "get_federation_client": ("query_user_devices",),
     "get_auth": ("is_server_admin",),
 }

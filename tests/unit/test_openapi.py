@@ -157,14 +157,16 @@ STAND_IN: Any = SimpleNamespace(server_name="openapi.test", is_main_process=Fals
 
 
 def test_upload_path_and_method_match_the_servlet() -> None:
-    handler = upload.UploadHandler(Config(), STAND_IN, cast(Any, None), cast(Any, None))
+    handler = upload.UploadHandler(
+        Config(), STAND_IN, cast(Any, None), cast(Any, None), cast(Any, None)
+    )
     patterns = native_class(NativeServlet.UPLOAD).PATTERNS
     assert any(pattern.match(openapi.UPLOAD) for pattern in patterns)
     assert served_methods(handler.handlers) == documented_methods(openapi.UPLOAD) == {"post"}
 
 
 def test_admin_path_and_methods_match_the_servlet() -> None:
-    handlers = ReplacementWindowAdmin(Config(), STAND_IN, cast(Any, None)).handlers
+    handlers = ReplacementWindowAdmin(Config(), STAND_IN, cast(Any, None), cast(Any, None)).handlers
     example = openapi.ADMIN_WINDOW.replace("{user_id}", "%40alice%3Aexample.com")
     matches = [pattern.match(example) for pattern in ADMIN_PATTERNS]
     assert any(m is not None and m["user_id"] == "%40alice%3Aexample.com" for m in matches)

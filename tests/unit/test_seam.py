@@ -85,8 +85,8 @@ def test_complete_homeserver_passes() -> None:
 
 def test_missing_homeserver_method() -> None:
     with pytest.raises(ConfigError) as info:
-        _synapse.check_internals(fake_homeserver(get_worker_locks_handler=True))
-    assert "HomeServer.get_worker_locks_handler is missing" in str(info.value)
+        _synapse.check_internals(fake_homeserver(get_auth_handler=True))
+    assert "HomeServer.get_auth_handler is missing" in str(info.value)
     assert "Synapse 1.98.0 to 1.163.2" in str(info.value)
 
 
