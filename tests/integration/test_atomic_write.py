@@ -234,7 +234,8 @@ def postgres_of(deployment: WorkerDeployment) -> Execute:
         )
         try:
             with connection, connection.cursor() as cursor:
-                cursor.execute(sql.replace("?", "%s"), args)
+                # Without arguments psycopg2 takes the statement as it is (`%` included).
+                cursor.execute(sql.replace("?", "%s") if args else sql, args or None)
                 return list(cursor.fetchall()) if cursor.description else []
         finally:
             connection.close()
