@@ -13,6 +13,9 @@ Paths:
   first_upload        a registered user without keys uploads master + self-signing +
                       user-signing keys (a fresh user every round)
   uia_challenge       a user with keys sends other keys without `auth`: 401 and a UIA session
+  replacement         a user with keys replaces all three: the 401 challenge, then the same
+                      keys with the password in that session (both requests timed together;
+                      a fresh user every round)
 
 Run with the python of the environment that has the Synapse to measure, from the repository
 root:
@@ -52,12 +55,16 @@ if __package__ in (None, ""):
 from tests.harness.client import UPLOAD_PATH, CrossSigningKeys, register_user
 from tests.harness.server import SynapseServer
 
-PATHS = ("identical_reupload", "first_upload", "uia_challenge")
+PATHS = ("identical_reupload", "first_upload", "uia_challenge", "replacement")
 SERVERS = ("native", "module")
 
 # Both servers get this, so that Synapse 1.98 answers a first upload without UIA as later
-# versions do (MSC3967; later versions ignore the key).
-SHARED_EXTRA_CONFIG: dict[str, Any] = {"experimental_features": {"msc3967_enabled": True}}
+# versions do (MSC3967; later versions ignore the key), and never skips UIA for a recent
+# login (its grace period would let native Synapse 1.98 replace keys without a challenge).
+SHARED_EXTRA_CONFIG: dict[str, Any] = {
+    "experimental_features": {"msc3967_enabled": True},
+    "ui_auth": {"session_timeout": 0},
+}
 
 # The logging set-up that Synapse generates for a new install (`DEFAULT_LOG_CONFIG` in
 # synapse/config/logger.py): INFO and below go through a memory buffer to the file.
@@ -109,6 +116,16 @@ class Prepared:
     body: bytes
 
 
+@attrs.frozen
+class Replacement:
+    """A user with keys, and the new keys it replaces them with through UIA."""
+
+    token: str
+    user_id: str
+    password: str
+    body: dict[str, Any]
+
+
 @attrs.define
 class Target:
     """One homeserver and everything prepared for it."""
@@ -119,6 +136,7 @@ class Target:
     identical: Prepared | None = None
     challenge: Prepared | None = None
     fresh: list[Prepared] = attrs.field(factory=list)
+    replacements: list[Replacement] = attrs.field(factory=list)
     samples: dict[str, list[float]] = attrs.field(factory=lambda: {p: [] for p in PATHS})
     statuses: dict[str, Counter[int]] = attrs.field(factory=lambda: {p: Counter() for p in PATHS})
 
@@ -126,19 +144,35 @@ class Target:
     def url(self) -> str:
         return f"{self.server.base_url}{UPLOAD_PATH}"
 
-    def send(self, prepared: Prepared) -> tuple[float, int]:
-        headers = {
-            "Authorization": f"Bearer {prepared.token}",
-            "Content-Type": "application/json",
-        }
+    def _post(self, token: str, body: bytes) -> tuple[float, requests.Response]:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         start = time.perf_counter()
-        response = self.session.post(self.url, data=prepared.body, headers=headers, timeout=60)
+        response = self.session.post(self.url, data=body, headers=headers, timeout=60)
         _ = response.content
-        elapsed = time.perf_counter() - start
+        return time.perf_counter() - start, response
+
+    def send(self, prepared: Prepared) -> tuple[float, int]:
+        elapsed, response = self._post(prepared.token, prepared.body)
         return elapsed, response.status_code
 
     def next_fresh(self) -> Prepared:
         return self.fresh.pop()
+
+    def replace(self, replacement: Replacement) -> tuple[float, int]:
+        """The challenge, then the password in its session: the two requests' time."""
+        first, response = self._post(replacement.token, _encode(replacement.body))
+        if response.status_code != 401:
+            return first, response.status_code
+        auth = {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": replacement.user_id},
+            "password": replacement.password,
+            "session": response.json()["session"],
+        }
+        second, response = self._post(
+            replacement.token, _encode({**replacement.body, "auth": auth})
+        )
+        return first + second, response.status_code
 
 
 def _encode(body: dict[str, Any]) -> bytes:
@@ -166,6 +200,11 @@ def prepare(target: Target, fresh_users: int) -> None:
     for _ in range(fresh_users):
         user = register_user(server.base_url, server.shared_secret)
         target.fresh.append(Prepared(user.access_token, _encode(user.keys().body())))
+        user = register_user(server.base_url, server.shared_secret)
+        user.upload_with_uia(user.keys().body()).raise_for_status()
+        target.replacements.append(
+            Replacement(user.access_token, user.user_id, user.password, user.keys().body())
+        )
     # Warm the connection so that no timed request opens one.
     target.session.get(f"{server.base_url}/health", timeout=30).raise_for_status()
 
@@ -199,9 +238,14 @@ def one_round(targets: dict[str, Target], order: Sequence[str], record: bool, pa
             elif path == "uia_challenge":
                 assert target.challenge is not None
                 prepared = target.challenge
+            elif path == "replacement":
+                prepared = None
             else:
                 prepared = target.next_fresh()
-            elapsed, status = target.send(prepared)
+            if prepared is None:
+                elapsed, status = target.replace(target.replacements.pop())
+            else:
+                elapsed, status = target.send(prepared)
             if record:
                 target.samples[path].append(elapsed)
                 target.statuses[path][status] += 1
