@@ -210,6 +210,16 @@ class Store:
         await self.create_tables()
         return await self._synapse.run_db_statement(f"synapse_xsign_uia_{desc}", statement, *args)
 
+    async def _execute(self, desc: str, sql: str, args: tuple[Any, ...]) -> int:
+        """Execute one statement; how many rows it changed."""
+
+        def statement(cursor: Any) -> int:
+            cursor.execute(sql, args)
+            return int(cursor.rowcount)
+
+        changed: int = await self._run_statement(desc, statement)
+        return changed
+
     # The admin replacement window.
 
     async def read_window(self, user_id: str) -> Window | None:
@@ -278,19 +288,12 @@ class Store:
         return notices
 
     async def remove_notice(self, notice_id: str) -> None:
-        def txn(cursor: Any) -> None:
-            cursor.execute(f"DELETE FROM {NOTICES_TABLE} WHERE notice_id = ?", (notice_id,))
-
-        await self._run("remove_notice", txn)
+        sql = f"DELETE FROM {NOTICES_TABLE} WHERE notice_id = ?"
+        await self._execute("remove_notice", sql, (notice_id,))
 
     async def count_notice_attempt(self, notice_id: str) -> None:
-        def txn(cursor: Any) -> None:
-            cursor.execute(
-                f"UPDATE {NOTICES_TABLE} SET attempts = attempts + 1 WHERE notice_id = ?",
-                (notice_id,),
-            )
-
-        await self._run("notice_attempt", txn)
+        sql = f"UPDATE {NOTICES_TABLE} SET attempts = attempts + 1 WHERE notice_id = ?"
+        await self._execute("notice_attempt", sql, (notice_id,))
 
     # UIA sessions offered by the upload endpoint.
 
@@ -320,25 +323,13 @@ class Store:
         await self._run_statement("spend_uia_session", _save_uia_session, offer, now_ms)
 
     async def unspend_uia_session(self, session_id: str) -> None:
-        def txn(cursor: Any) -> None:
-            cursor.execute(
-                f"UPDATE {UIA_SESSIONS_TABLE} SET used_at_ms = NULL WHERE session_id = ?",
-                (session_id,),
-            )
-
-        await self._run_statement("unspend_uia_session", txn)
+        sql = f"UPDATE {UIA_SESSIONS_TABLE} SET used_at_ms = NULL WHERE session_id = ?"
+        await self._execute("unspend_uia_session", sql, (session_id,))
 
     async def delete_uia_sessions_before(self, before_ms: int) -> int:
         """Delete the records of sessions created before `before_ms`; how many."""
-
-        def txn(cursor: Any) -> int:
-            cursor.execute(
-                f"DELETE FROM {UIA_SESSIONS_TABLE} WHERE created_at_ms < ?", (before_ms,)
-            )
-            return int(cursor.rowcount)
-
-        deleted: int = await self._run_statement("expire_uia_sessions", txn)
-        return deleted
+        sql = f"DELETE FROM {UIA_SESSIONS_TABLE} WHERE created_at_ms < ?"
+        return await self._execute("expire_uia_sessions", sql, (before_ms,))
 
     # The lock on writing a user's keys, across processes.
 
@@ -347,36 +338,20 @@ class Store:
     ) -> bool:
         """Take the user's lock for `token` until `expires_ms`, if nobody holds it or the
         lease of whoever did has ended before `now_ms`."""
-
-        def statement(cursor: Any) -> bool:
-            cursor.execute(
-                f"INSERT INTO {USER_LOCKS_TABLE} AS held (user_id, holder, token, expires_ms)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
-                " holder = excluded.holder, token = excluded.token,"
-                " expires_ms = excluded.expires_ms WHERE held.expires_ms < ?",
-                (user_id, holder, token, expires_ms, now_ms),
-            )
-            return bool(cursor.rowcount == 1)
-
-        taken: bool = await self._run_statement("lock_user", statement)
-        return taken
+        sql = (
+            f"INSERT INTO {USER_LOCKS_TABLE} AS held (user_id, holder, token, expires_ms)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+            " holder = excluded.holder, token = excluded.token,"
+            " expires_ms = excluded.expires_ms WHERE held.expires_ms < ?"
+        )
+        taken = await self._execute("lock_user", sql, (user_id, holder, token, expires_ms, now_ms))
+        return taken == 1
 
     async def renew_user_locks(self, holder: str, expires_ms: int) -> None:
         """Extend the lease of every lock `holder` holds."""
-
-        def statement(cursor: Any) -> None:
-            cursor.execute(
-                f"UPDATE {USER_LOCKS_TABLE} SET expires_ms = ? WHERE holder = ?",
-                (expires_ms, holder),
-            )
-
-        await self._run_statement("renew_user_locks", statement)
+        sql = f"UPDATE {USER_LOCKS_TABLE} SET expires_ms = ? WHERE holder = ?"
+        await self._execute("renew_user_locks", sql, (expires_ms, holder))
 
     async def unlock_user(self, user_id: str, token: str) -> None:
-        def statement(cursor: Any) -> None:
-            cursor.execute(
-                f"DELETE FROM {USER_LOCKS_TABLE} WHERE user_id = ? AND token = ?",
-                (user_id, token),
-            )
-
-        await self._run_statement("unlock_user", statement)
+        sql = f"DELETE FROM {USER_LOCKS_TABLE} WHERE user_id = ? AND token = ?"
+        await self._execute("unlock_user", sql, (user_id, token))

@@ -179,6 +179,8 @@ class FakeSynapse:
             self.db.rollback()
             raise
 
+    run_db_statement = run_db_interaction
+
 
 @pytest.fixture
 def background() -> list[Any]:
