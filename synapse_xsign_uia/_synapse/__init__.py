@@ -11,7 +11,8 @@ the module. One file per area:
 - `homeserver.py`: `Synapse`, the deployment's facts and the verbs of the homeserver
 - `servlets.py`: taking over a Synapse servlet
 - `requests.py`: who sent a request
-- `keys.py`, `locks.py`: cross-signing keys, the per-user lock, UIA, the window column
+- `keys.py`, `locks.py`: cross-signing keys (the stored state, UIA, the write of an upload
+  in one transaction, the window column) and the per-user lock within a process
 - `device_lists.py`: remote users' device lists
 - `notices.py`: server notices
 - `reactor.py`: background work
