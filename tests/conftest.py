@@ -10,6 +10,7 @@ import pytest
 
 from tests.harness.client import User, register_user
 from tests.harness.server import SynapseServer
+from tests.harness.workers import WorkerDeployment, skip_without_worker_requirements
 
 ServerFactory = Callable[..., SynapseServer]
 
@@ -59,3 +60,13 @@ def user(server: SynapseServer) -> User:
 @pytest.fixture
 def admin(server: SynapseServer) -> User:
     return register_user(server.base_url, server.shared_secret, admin=True)
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[WorkerDeployment]:
+    """PostgreSQL, Redis, a main process and a worker, with the module's default
+    configuration; one per test module (a module may define its own, configured otherwise)."""
+    skip_without_worker_requirements()
+    deployment = WorkerDeployment().start()
+    yield deployment
+    deployment.stop()

@@ -26,7 +26,7 @@ from synapse_xsign_uia._synapse import parse_version
 from tests.conftest import ServerFactory
 from tests.harness.client import CrossSigningKeys, User, register_user
 from tests.harness.server import SynapseServer
-from tests.harness.workers import WorkerDeployment, skip_without_worker_requirements
+from tests.harness.workers import WorkerDeployment
 from tests.integration.test_upload import assert_challenge
 
 pytestmark = pytest.mark.synapse
@@ -215,14 +215,6 @@ def test_a_failed_write_in_an_admin_window_leaves_it_open(
 
 
 # PostgreSQL, with workers.
-
-
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[WorkerDeployment]:
-    skip_without_worker_requirements()
-    deployment = WorkerDeployment().start()
-    yield deployment
-    deployment.stop()
 
 
 def postgres_of(deployment: WorkerDeployment) -> Execute:

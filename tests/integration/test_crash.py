@@ -15,7 +15,6 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,7 +32,7 @@ from tests.harness.client import (
     cross_signing_keys_in,
     register_user,
 )
-from tests.harness.workers import SynapseProcess, WorkerDeployment, skip_without_worker_requirements
+from tests.harness.workers import SynapseProcess, WorkerDeployment
 from tests.integration.test_atomic_write import Execute, postgres_of
 from tests.integration.test_upload import assert_challenge
 
@@ -45,14 +44,6 @@ ROUNDS = 3
 # Each key row takes this long to insert, so that the kill lands while rows are written.
 INSERT_DELAY_S = 0.05
 KILL_AFTER_S = 0.6
-
-
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[WorkerDeployment]:
-    skip_without_worker_requirements()
-    deployment = WorkerDeployment().start()
-    yield deployment
-    deployment.stop()
 
 
 def uploader_of(deployment: WorkerDeployment) -> SynapseProcess:

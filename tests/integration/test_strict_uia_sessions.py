@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -22,7 +21,7 @@ from synapse_xsign_uia._synapse import parse_version
 from tests.conftest import ServerFactory
 from tests.harness.client import CrossSigningKeys, User, register_user
 from tests.harness.server import SynapseServer
-from tests.harness.workers import WorkerDeployment, skip_without_worker_requirements
+from tests.harness.workers import WorkerDeployment
 from tests.integration.test_upload import assert_challenge, assert_error, login_with_device
 
 pytestmark = pytest.mark.synapse
@@ -306,14 +305,6 @@ def test_old_bookkeeping_is_deleted_in_the_background() -> None:
 
 
 # Across processes.
-
-
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[WorkerDeployment]:
-    skip_without_worker_requirements()
-    deployment = WorkerDeployment().start()
-    yield deployment
-    deployment.stop()
 
 
 @pytest.mark.skipif(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote
@@ -16,7 +15,7 @@ import synapse
 
 from synapse_xsign_uia._synapse import parse_version
 from tests.harness.client import CrossSigningKeys, User, register_user
-from tests.harness.workers import WorkerDeployment, skip_without_worker_requirements
+from tests.harness.workers import WorkerDeployment
 
 pytestmark = pytest.mark.synapse
 
@@ -25,14 +24,6 @@ SYNAPSE = parse_version(synapse.__version__)
 # proxy sends it there.
 WORKERS_SERVE_UPLOAD = SYNAPSE >= (1, 135, 0)
 ROUNDS = 20
-
-
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[WorkerDeployment]:
-    skip_without_worker_requirements()
-    deployment = WorkerDeployment().start()
-    yield deployment
-    deployment.stop()
 
 
 def on(user: User, base_url: str) -> User:
