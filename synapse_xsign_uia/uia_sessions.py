@@ -88,7 +88,11 @@ class UiaSessions:
             )
 
     async def authenticate(
-        self, caller: Caller, request: SynapseRequest, body: Mapping[str, Any], requested: Any
+        self,
+        caller: Caller,
+        request: SynapseRequest,
+        body: Mapping[str, Any],
+        requested: Mapping[str, JsonKey],
     ) -> str | None:
         """Synapse's UIA for writing `requested`, then the session's verdict; the ID of the
         session that authorises the write. Raises Synapse's challenge (a 401) until the user
@@ -97,7 +101,7 @@ class UiaSessions:
         try:
             session_id = await keys.user_interactive_auth(caller, request, body, UIA_DESCRIPTION)
         except keys.uia_challenge as e:
-            self.offered(str(getattr(e, "session_id", "")), caller, requested)
+            self.offered(keys.challenged_session(e), caller, requested)
             raise
         if session_id is None:
             return None
@@ -105,7 +109,7 @@ class UiaSessions:
         if verdict is SessionVerdict.AUTHORISES:
             return session_id
         fresh = await keys.fresh_uia_challenge(caller, request, body, UIA_DESCRIPTION)
-        self.offered(str(getattr(fresh, "session_id", "")), caller, requested)
+        self.offered(keys.challenged_session(fresh), caller, requested)
         raise SessionRefused(verdict, fresh)
 
     def _offer(

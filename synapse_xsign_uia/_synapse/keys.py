@@ -177,6 +177,11 @@ class CrossSigningKeys:
         )
         return None if session_id is None else str(session_id)
 
+    @staticmethod
+    def challenged_session(challenge: Exception) -> str:
+        """The ID of the UIA session a `uia_challenge` offers."""
+        return str(challenge.session_id)  # type: ignore[attr-defined]
+
     async def fresh_uia_challenge(
         self, caller: Caller, request: SynapseRequest, body: Mapping[str, Any], description: str
     ) -> Exception:

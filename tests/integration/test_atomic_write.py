@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -106,6 +106,23 @@ def assert_server_error(response: requests.Response) -> None:
     assert response.json()["errcode"] == "M_UNKNOWN"
 
 
+def assert_nothing_changes(
+    user: User, execute: Execute, failing: Callable[[], AbstractContextManager[None]]
+) -> None:
+    """A replacement with UIA whose write fails (inside `failing()`) leaves every row as it
+    was; the retry goes through as the first attempt would have."""
+    old = with_keys(user)
+    new = user.keys()
+    before = stored_rows(execute, user)
+    with failing():
+        assert_server_error(replace_with_uia(user, new))
+    assert stored_rows(execute, user) == before
+    assert public_keys(user) == of(old)
+    response = replace_with_uia(user, new)
+    assert (response.status_code, response.json()) == (200, {}), response.text
+    assert public_keys(user) == of(new)
+
+
 @pytest.fixture(scope="module")
 def native(synapse_server: ServerFactory) -> SynapseServer:
     return synapse_server(with_module=False, extra_config=NO_GRACE_PERIOD)
@@ -129,18 +146,9 @@ def test_a_failed_replacement_changes_nothing(
     assert public_keys(user) == expected
 
     user = register_user(server.base_url, server.shared_secret)
-    old = with_keys(user)
-    new = user.keys()
-    execute = sqlite_of(server)
-    before = stored_rows(execute, user)
-    with failing_sqlite_insert(server, user, failing):
-        assert_server_error(replace_with_uia(user, new))
-    assert stored_rows(execute, user) == before
-    assert public_keys(user) == of(old)
-    # The retry goes through as the first attempt would have.
-    response = replace_with_uia(user, new)
-    assert (response.status_code, response.json()) == (200, {}), response.text
-    assert public_keys(user) == of(new)
+    assert_nothing_changes(
+        user, sqlite_of(server), lambda: failing_sqlite_insert(server, user, failing)
+    )
 
 
 # A first upload.
@@ -264,17 +272,8 @@ def test_a_failed_replacement_changes_nothing_on_postgres(
     user = User(
         url, registered.user_id, registered.access_token, registered.device_id, registered.password
     )
-    old = with_keys(user)
-    new = user.keys()
     execute = postgres_of(deployment)
-    before = stored_rows(execute, user)
-    with failing_postgres_insert(execute, user, failing):
-        assert_server_error(replace_with_uia(user, new))
-    assert stored_rows(execute, user) == before
-    assert public_keys(user) == of(old)
-    response = replace_with_uia(user, new)
-    assert (response.status_code, response.json()) == (200, {}), response.text
-    assert public_keys(user) == of(new)
+    assert_nothing_changes(user, execute, lambda: failing_postgres_insert(execute, user, failing))
 
 
 # What follows a write: as Synapse does it, and only for keys that were stored.
