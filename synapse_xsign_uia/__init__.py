@@ -11,6 +11,7 @@ from synapse_xsign_uia._synapse import NativeServlet, Synapse
 from synapse_xsign_uia.admin import PATTERNS as ADMIN_WINDOW_PATTERNS
 from synapse_xsign_uia.admin import ReplacementWindowAdmin
 from synapse_xsign_uia.config import Config, parse_config
+from synapse_xsign_uia.device_list_admin import FetchRecorder, serve_device_list_admin
 from synapse_xsign_uia.notice import ResetNotifier, check_notice_config
 from synapse_xsign_uia.resync import serve_resync_endpoint
 from synapse_xsign_uia.store import Store
@@ -49,7 +50,15 @@ class CrossSigningUIAModule:
                 NativeServlet.ADMIN_WINDOW, admin.handlers, ADMIN_WINDOW_PATTERNS
             )
         if config.device_list_resync.enabled:
-            serve_resync_endpoint(config.device_list_resync, synapse)
+            serve_resync_endpoint(config.device_list_resync, synapse, store)
+        self.admin_routes: list[Any] = []
+        if config.device_list_repair.enabled:
+            FetchRecorder(synapse, store)
+            if synapse.is_main_process:
+                self.admin_routes = serve_device_list_admin(synapse, store)
+                synapse.run_in_background(
+                    "synapse_xsign_uia_check_device_list_tables", self._check_device_list_tables
+                )
         # Listeners are built right after modules load, in the same reactor turn.
         synapse.call_later(0, self._check_installed)
         logger.info(
@@ -69,14 +78,29 @@ class CrossSigningUIAModule:
             for servlet, replacement in self.servlets.items()
             if self.synapse.serves(servlet) and not _synapse.was_built(replacement)
         ]
+        if self.synapse.serves_admin_api and any(
+            route.registrations == 0 for route in self.admin_routes
+        ):
+            missing.append("the remote device-list admin endpoints")
         if not missing:
             logger.info("synapse_xsign_uia self-check passed: its servlets are serving")
             return
+        self._fail(
+            f"Synapse did not build {' and '.join(missing)}, so the module is not in control "
+            "and native behaviour applies"
+        )
+
+    async def _check_device_list_tables(self) -> None:
+        try:
+            await self.synapse.device_lists().check_tables()
+        except Exception as e:
+            self._fail(f"Synapse's device-list tables are not as the module reads them ({e})")
+
+    def _fail(self, reason: str) -> None:
         logger.critical(
-            "synapse_xsign_uia self-check FAILED: Synapse did not build %s, so the module is "
-            "not in control and native behaviour applies. The module supports %s. "
+            "synapse_xsign_uia self-check FAILED: %s. The module supports %s. "
             "Stopping the homeserver.",
-            " and ".join(missing),
+            reason,
             _synapse.SUPPORTED_RANGE,
         )
         self.synapse.stop()

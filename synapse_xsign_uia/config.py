@@ -30,6 +30,13 @@ class ResyncConfig:
     burst_count: int = 5
 
 
+@attrs.frozen
+class RepairConfig:
+    """Settings of the admin endpoints for remote device lists (status and repair)."""
+
+    enabled: bool = True
+
+
 # The placeholders `notify_on_reset.message` may use, filled in when the notice is sent.
 NOTICE_PLACEHOLDERS = ("time", "user_id", "server_name", "method", "device", "ip_address")
 
@@ -65,6 +72,7 @@ class Config:
     appservice_without_uia: bool = True
     strict_uia_sessions: bool = True
     device_list_resync: ResyncConfig = ResyncConfig()
+    device_list_repair: RepairConfig = RepairConfig()
     notify_on_reset: NoticeConfig = NoticeConfig()
 
 
@@ -158,6 +166,15 @@ def _parse_resync(value: object) -> ResyncConfig:
     )
 
 
+def _parse_repair(value: object) -> RepairConfig:
+    path = ["device_list_repair"]
+    raw = _mapping(value, path, {"enabled"})
+    default = RepairConfig()
+    return RepairConfig(
+        enabled=_parse_bool(raw.get("enabled", default.enabled), [*path, "enabled"])
+    )
+
+
 def _parse_notice_message(value: object, path: list[str]) -> str:
     """A `str.format` template whose only fields are the known placeholders, so that
     formatting it when a notice is due cannot fail."""
@@ -206,6 +223,7 @@ def parse_config(value: object) -> Config:
         "appservice_without_uia",
         "strict_uia_sessions",
         "device_list_resync",
+        "device_list_repair",
         "notify_on_reset",
     }
     raw = _mapping(value, [], keys)
@@ -236,5 +254,6 @@ def parse_config(value: object) -> Config:
         appservice_without_uia=flag("appservice_without_uia", default.appservice_without_uia),
         strict_uia_sessions=flag("strict_uia_sessions", default.strict_uia_sessions),
         device_list_resync=_parse_resync(raw.get("device_list_resync")),
+        device_list_repair=_parse_repair(raw.get("device_list_repair")),
         notify_on_reset=_parse_notice(raw.get("notify_on_reset")),
     )

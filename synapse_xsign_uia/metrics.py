@@ -28,6 +28,7 @@ ADMIN_WINDOW = "synapse_xsign_uia_admin_window_total"
 RESYNC_REQUESTS = "synapse_xsign_uia_resync_requests_total"
 RESYNC_FEDERATION_REQUESTS = "synapse_xsign_uia_resync_federation_requests_total"
 IDENTITY_RESETS = "synapse_xsign_uia_identity_resets_total"
+DEVICE_LIST_REPAIR_USERS = "synapse_xsign_uia_device_list_repair_users_total"
 
 # The `rule` label of a request refused before a decision-table row was chosen.
 VALIDATION = "validation"
@@ -140,6 +141,7 @@ class _Counters:
     resync_requests: Counter
     resync_federation_requests: Counter
     identity_resets: Counter
+    device_list_repair_users: Counter
 
 
 _counters: _Counters | None = None
@@ -181,6 +183,12 @@ def _process_counters() -> _Counters:
                 "Replacements of a stored master cross-signing key, by the rule that allowed it",
                 (SERVER_NAME_LABEL, "rule"),
             ),
+            device_list_repair_users=_counter(
+                REGISTRY,
+                DEVICE_LIST_REPAIR_USERS,
+                "Remote users whose device lists an admin's repair of their server marked stale",
+                (SERVER_NAME_LABEL,),
+            ),
         )
     return _counters
 
@@ -202,6 +210,7 @@ class Metrics:
         self._counters.resync_federation_requests.labels(server_name)
         for reset_rule in RESET_RULES:
             self._counters.identity_resets.labels(server_name, reset_rule)
+        self._counters.device_list_repair_users.labels(server_name)
 
     def upload_decision(self, rule: Rule | None, result: UploadResult) -> None:
         """One upload decision: `rule` None when the request was refused before a row was
@@ -231,6 +240,9 @@ class Metrics:
 
     def resync_federation_request(self) -> None:
         self._counters.resync_federation_requests.labels(self._server_name).inc()
+
+    def device_list_repair(self, users_marked: int) -> None:
+        self._counters.device_list_repair_users.labels(self._server_name).inc(users_marked)
 
 
 def _label(value: enum.Enum, kind: type[enum.Enum]) -> str:

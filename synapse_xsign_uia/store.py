@@ -34,6 +34,14 @@ NOTICES_TABLE = "synapse_xsign_uia_reset_notices"
 UIA_SESSIONS_TABLE = "synapse_xsign_uia_uia_sessions"
 # Who holds the lock on writing a user's keys, across processes, and until when.
 USER_LOCKS_TABLE = "synapse_xsign_uia_user_locks"
+# Device-list resyncs across processes: who fetches a remote user's list now (a claim), and
+# when a fetch last succeeded (the cooldown) or failed (what the waiting processes answer).
+RESYNC_CLAIMS_TABLE = "synapse_xsign_uia_resync_claims"
+# When this homeserver last fetched each remote user's list, whoever asked, and the last
+# failure: what Synapse does not record.
+FETCHES_TABLE = "synapse_xsign_uia_device_list_fetches"
+# The last repair of each remote server's device lists, and who asked for it.
+REPAIRS_TABLE = "synapse_xsign_uia_device_list_repairs"
 
 _TABLES = {
     GRANTS_TABLE: (
@@ -51,6 +59,18 @@ _TABLES = {
     USER_LOCKS_TABLE: (
         "user_id TEXT NOT NULL PRIMARY KEY, holder TEXT NOT NULL, token TEXT NOT NULL,"
         " expires_ms BIGINT NOT NULL"
+    ),
+    RESYNC_CLAIMS_TABLE: (
+        "user_id TEXT NOT NULL PRIMARY KEY, claim TEXT, claimed_ms BIGINT,"
+        " fetched_ms BIGINT, failed_ms BIGINT, failure TEXT"
+    ),
+    FETCHES_TABLE: (
+        "user_id TEXT NOT NULL PRIMARY KEY, fetched_ms BIGINT, failed_ms BIGINT,"
+        " failure_reason TEXT, failure_detail TEXT"
+    ),
+    REPAIRS_TABLE: (
+        "server_name TEXT NOT NULL PRIMARY KEY, requested_ms BIGINT NOT NULL,"
+        " requested_by TEXT NOT NULL, users_marked INTEGER NOT NULL"
     ),
 }
 _INDEXES = {
@@ -176,6 +196,76 @@ def fence_user_lock_txn(cursor: Any, user_id: str, token: str, expires_ms: int) 
     )
     if cursor.rowcount != 1:
         raise LockLost(f"the lock on writing {user_id}'s keys was taken over")
+
+
+@attrs.frozen
+class ResyncClaim:
+    """A remote user's row of resync claims: whether this process's claim was granted, and
+    what the row held."""
+
+    granted: bool
+    claim: str | None  # the claim of the process fetching now, if any
+    claimed_ms: int | None
+    fetched_ms: int | None  # the last successful fetch: the cooldown runs from it
+    failed_ms: int | None
+    failure: dict[str, Any] | None  # the last failure, as `ResyncFailure` fields
+
+
+def _resync_claim(row: tuple[Any, ...] | None, granted: bool) -> ResyncClaim:
+    if row is None:
+        return ResyncClaim(granted, None, None, None, None, None)
+    claim, claimed_ms, fetched_ms, failed_ms, failure = row
+    return ResyncClaim(
+        granted,
+        claim,
+        claimed_ms,
+        fetched_ms,
+        failed_ms,
+        None if failure is None else json.loads(failure),
+    )
+
+
+_SELECT_CLAIM = (
+    f"SELECT claim, claimed_ms, fetched_ms, failed_ms, failure FROM {RESYNC_CLAIMS_TABLE}"
+    " WHERE user_id = ?"
+)
+
+
+def _claim_resync(
+    cursor: Any, user_id: str, claim: str, now_ms: int, fetched_before_ms: int, lease_ms: int
+) -> ResyncClaim:
+    # One statement decides: on PostgreSQL a concurrent claim of the same row waits for this
+    # one, then fails the transaction, which Synapse retries and which then sees this claim.
+    cursor.execute(
+        f"INSERT INTO {RESYNC_CLAIMS_TABLE} AS claims (user_id, claim, claimed_ms)"
+        " VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+        " claim = excluded.claim, claimed_ms = excluded.claimed_ms"
+        " WHERE (claims.claimed_ms IS NULL OR claims.claimed_ms < ?)"
+        " AND (claims.fetched_ms IS NULL OR claims.fetched_ms <= ?)",
+        (user_id, claim, now_ms, now_ms - lease_ms, fetched_before_ms),
+    )
+    granted = cursor.rowcount == 1
+    cursor.execute(_SELECT_CLAIM, (user_id,))
+    return _resync_claim(cursor.fetchone(), granted)
+
+
+@attrs.frozen
+class FetchRecord:
+    """When a remote user's list was last fetched, and the last failure."""
+
+    fetched_ms: int | None
+    failed_ms: int | None
+    failure_reason: str | None
+    failure_detail: str | None
+
+
+@attrs.frozen
+class Repair:
+    """The last repair of a remote server's device lists."""
+
+    requested_ms: int
+    requested_by: str
+    users_marked: int
 
 
 class Store:
@@ -355,3 +445,115 @@ class Store:
     async def unlock_user(self, user_id: str, token: str) -> None:
         sql = f"DELETE FROM {USER_LOCKS_TABLE} WHERE user_id = ? AND token = ?"
         await self._execute("unlock_user", sql, (user_id, token))
+
+    # Device-list resyncs across processes.
+
+    async def claim_resync(
+        self, user_id: str, claim: str, now_ms: int, cooldown_ms: int, lease_ms: int
+    ) -> ResyncClaim:
+        """Claim the fetch of the user's list for `claim`, unless another claim younger than
+        `lease_ms` holds it or a fetch succeeded within `cooldown_ms`; the row either way."""
+        result: ResyncClaim = await self._run(
+            "claim_resync",
+            _claim_resync,
+            user_id,
+            claim,
+            now_ms,
+            now_ms - cooldown_ms,
+            lease_ms,
+        )
+        return result
+
+    async def resync_claim(self, user_id: str) -> ResyncClaim:
+        """The user's row, as another process waiting for the fetch reads it."""
+
+        def statement(cursor: Any) -> ResyncClaim:
+            cursor.execute(_SELECT_CLAIM, (user_id,))
+            return _resync_claim(cursor.fetchone(), False)
+
+        result: ResyncClaim = await self._run_statement("read_resync_claim", statement)
+        return result
+
+    async def finish_resync(
+        self, user_id: str, claim: str, now_ms: int, failure: Mapping[str, Any] | None
+    ) -> None:
+        """Release `claim`, recording the fetch's success (the cooldown starts) or failure."""
+        if failure is None:
+            sql = (
+                f"UPDATE {RESYNC_CLAIMS_TABLE} SET claim = NULL, claimed_ms = NULL,"
+                " fetched_ms = ? WHERE user_id = ? AND claim = ?"
+            )
+            args: tuple[Any, ...] = (now_ms, user_id, claim)
+        else:
+            sql = (
+                f"UPDATE {RESYNC_CLAIMS_TABLE} SET claim = NULL, claimed_ms = NULL,"
+                " failed_ms = ?, failure = ? WHERE user_id = ? AND claim = ?"
+            )
+            args = (now_ms, json.dumps(dict(failure)), user_id, claim)
+        await self._execute("finish_resync", sql, args)
+
+    async def delete_resync_claims_before(self, before_ms: int) -> int:
+        """Forget the users with no fetch in flight, and none since `before_ms`."""
+        sql = (
+            f"DELETE FROM {RESYNC_CLAIMS_TABLE} WHERE claim IS NULL"
+            " AND COALESCE(fetched_ms, 0) < ? AND COALESCE(failed_ms, 0) < ?"
+        )
+        return await self._execute("expire_resync_claims", sql, (before_ms, before_ms))
+
+    # Device-list fetches and repairs, for the operator.
+
+    async def record_fetch(
+        self, user_id: str, now_ms: int, failure_reason: str | None, failure_detail: str | None
+    ) -> None:
+        if failure_reason is None:
+            sql = (
+                f"INSERT INTO {FETCHES_TABLE} (user_id, fetched_ms) VALUES (?, ?)"
+                " ON CONFLICT (user_id) DO UPDATE SET fetched_ms = excluded.fetched_ms"
+            )
+            args: tuple[Any, ...] = (user_id, now_ms)
+        else:
+            sql = (
+                f"INSERT INTO {FETCHES_TABLE}"
+                " (user_id, failed_ms, failure_reason, failure_detail) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user_id) DO UPDATE SET failed_ms = excluded.failed_ms,"
+                " failure_reason = excluded.failure_reason,"
+                " failure_detail = excluded.failure_detail"
+            )
+            args = (user_id, now_ms, failure_reason, failure_detail)
+        await self._execute("record_device_list_fetch", sql, args)
+
+    async def fetch_record(self, user_id: str) -> FetchRecord | None:
+        def statement(cursor: Any) -> FetchRecord | None:
+            cursor.execute(
+                "SELECT fetched_ms, failed_ms, failure_reason, failure_detail"
+                f" FROM {FETCHES_TABLE} WHERE user_id = ?",
+                (user_id,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else FetchRecord(*row)
+
+        result: FetchRecord | None = await self._run_statement("read_device_list_fetch", statement)
+        return result
+
+    async def record_repair(self, server_name: str, repair: Repair) -> None:
+        sql = (
+            f"INSERT INTO {REPAIRS_TABLE} (server_name, requested_ms, requested_by, users_marked)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (server_name) DO UPDATE SET"
+            " requested_ms = excluded.requested_ms, requested_by = excluded.requested_by,"
+            " users_marked = excluded.users_marked"
+        )
+        args = (server_name, repair.requested_ms, repair.requested_by, repair.users_marked)
+        await self._execute("record_device_list_repair", sql, args)
+
+    async def last_repair(self, server_name: str) -> Repair | None:
+        def statement(cursor: Any) -> Repair | None:
+            cursor.execute(
+                f"SELECT requested_ms, requested_by, users_marked FROM {REPAIRS_TABLE}"
+                " WHERE server_name = ?",
+                (server_name,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else Repair(int(row[0]), str(row[1]), int(row[2]))
+
+        result: Repair | None = await self._run_statement("read_device_list_repair", statement)
+        return result

@@ -1,4 +1,5 @@
-"""Matrix user IDs in the module's request paths: one grammar for every endpoint."""
+"""Matrix user IDs and server names in the module's request paths: one grammar for every
+endpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import urllib.parse
 
 class InvalidUserId(ValueError):
     """The path does not name a valid Matrix user ID; the message says why."""
+
+
+class InvalidServerName(ValueError):
+    """The path does not name a valid server name; the message says why."""
 
 
 _MAX_USER_ID_BYTES = 255
@@ -40,6 +45,15 @@ def _valid_server_name(server_name: str) -> bool:
         if not _DNS_NAME.match(host):
             return False
     return port is None or (_PORT.match(port) is not None and 0 < int(port) <= 65535)
+
+
+def check_server_name(server_name: str) -> None:
+    """`InvalidServerName` unless `server_name` follows the spec's grammar."""
+    if not _valid_server_name(server_name):
+        raise InvalidServerName(
+            f"{server_name!r} is not a server name: expected a DNS name, an IPv4 address or a"
+            " bracketed IPv6 address, with an optional port"
+        )
 
 
 def parse_user_id(user_id: str) -> str:

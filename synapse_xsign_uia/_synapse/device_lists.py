@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
 from twisted.internet import error as twisted_error
 
+from synapse_xsign_uia._synapse.device_list_state import (
+    Destination,
+    RemoteServer,
+    RemoteUser,
+    check_columns_txn,
+    destination_txn,
+    remote_server_txn,
+    remote_user_txn,
+)
+from synapse_xsign_uia._synapse.reactor import run_in_background
 from synapse_xsign_uia._synapse.support import require_attribute, resolve
 
 if TYPE_CHECKING:
+    from synapse.module_api import ModuleApi
     from synapse.server import HomeServer
 
 logger = logging.getLogger(__name__)
@@ -54,8 +65,14 @@ class ResyncFailure:
     remote_status: int | None = None
 
 
+# Told of every device-list fetch this process makes: the user, and why it failed (None: the
+# remote server sent the list).
+FetchListener = Callable[[str, "ResyncFailure | None"], None]
+
+
 class _FetchObserver:
-    """Sees why `FederationClient.query_user_devices` failed for the users being watched.
+    """Sees every `FederationClient.query_user_devices` of this process, and why it failed
+    for the users being watched.
 
     Synapse's updater swallows the exception and answers None; the client is owed the
     reason. Installed on the federation client of this process, so it sees the fetch only
@@ -65,20 +82,31 @@ class _FetchObserver:
     def __init__(self) -> None:
         self._watched: dict[str, int] = {}
         self._failures: dict[str, BaseException] = {}
+        self.listeners: list[FetchListener] = []
 
     def wrap(self, native: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def query_user_devices(
             destination: str, user_id: str, *args: Any, **kwargs: Any
         ) -> Any:
             try:
-                return await native(destination, user_id, *args, **kwargs)
+                result = await native(destination, user_id, *args, **kwargs)
             except Exception as e:
                 if user_id in self._watched:
                     self._failures[user_id] = e
+                self._tell(user_id, classify_fetch_error(e))
                 raise
+            self._tell(user_id, None)
+            return result
 
         query_user_devices.xsign_uia_observer = self  # type: ignore[attr-defined]
         return query_user_devices
+
+    def _tell(self, user_id: str, failure: ResyncFailure | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(user_id, failure)
+            except Exception:
+                logger.exception("Recording the fetch of %s's device list failed", user_id)
 
     def watch(self, user_id: str) -> None:
         self._watched[user_id] = self._watched.get(user_id, 0) + 1
@@ -108,7 +136,8 @@ class DeviceLists:
     """Remote users' device lists, through Synapse's device-list updater (which, on a
     worker, forwards to the process that writes device lists over replication)."""
 
-    def __init__(self, hs: HomeServer) -> None:
+    def __init__(self, api: ModuleApi, hs: HomeServer) -> None:
+        self._api = api
         self._hs = hs
         self._store: Any = hs.get_datastores().main
         self._clock: Any = hs.get_clock()
@@ -121,6 +150,61 @@ class DeviceLists:
             config.federation, "federation_domain_whitelist", REQUIRED_RESYNC_ATTRIBUTES[1]
         )
         self._observer = _install_fetch_observer(hs)
+
+    def observe_fetches(self, listener: FetchListener) -> None:
+        """Call `listener` after every device-list fetch this process makes, whoever asked
+        for it (the module, Synapse's retry loop, a device-list update)."""
+        self._observer.listeners.append(listener)
+
+    # The state of remote device lists, for the operator.
+
+    async def check_tables(self) -> None:
+        """Raise if a table or column of Synapse's that the status reads is missing."""
+        await self._store.db_pool.runInteraction(
+            "synapse_xsign_uia_check_device_list_tables", check_columns_txn
+        )
+
+    async def remote_user(self, user_id: str) -> RemoteUser:
+        tracked, stale_since_ms, devices = await self._store.db_pool.runInteraction(
+            "synapse_xsign_uia_remote_user", remote_user_txn, user_id
+        )
+        sharing = await self._store.get_users_server_still_shares_room_with([user_id])
+        keys = (await self._store.get_e2e_cross_signing_keys_bulk([user_id])).get(user_id)
+        return RemoteUser(
+            user_id=user_id,
+            tracked=tracked,
+            shares_room=user_id in sharing,
+            stale_since_ms=stale_since_ms,
+            device_count=devices,
+            cross_signing_keys=_key_ids(keys or {}),
+        )
+
+    async def remote_server(self, server_name: str) -> RemoteServer:
+        server: RemoteServer = await self._store.db_pool.runInteraction(
+            "synapse_xsign_uia_remote_server", remote_server_txn, server_name
+        )
+        return server
+
+    async def destination(self, server_name: str) -> Destination:
+        found: Destination = await self._store.db_pool.runInteraction(
+            "synapse_xsign_uia_destination", destination_txn, server_name
+        )
+        return found
+
+    async def mark_stale(self, user_ids: list[str]) -> None:
+        """Mark the lists stale, as Synapse does when it misses an update: its retry loop
+        fetches them."""
+        await self._store.mark_remote_users_device_caches_as_stale(user_ids)
+
+    def retry_stale_now(self) -> bool:
+        """Start Synapse's retry loop for stale lists now rather than at its next turn, if
+        this process runs it; it skips a turn already running. Whether it started."""
+        if not isinstance(self._updater, resolve("synapse.handlers.device:DeviceListUpdater")):
+            return False
+        run_in_background(
+            self._api, "synapse_xsign_uia_retry_stale", self._updater._maybe_retry_device_resync
+        )
+        return True
 
     def federation_allowed(self, server_name: str) -> bool:
         config: Any = self._hs.config
@@ -174,6 +258,16 @@ class DeviceLists:
         if ends <= int(self._clock.time_msec()):
             return None
         return int(timings.retry_last_ts), ends
+
+
+def _key_ids(keys: Mapping[str, Any]) -> dict[str, str]:
+    """`ed25519:<public key>` of each cached cross-signing key, by type."""
+    found: dict[str, str] = {}
+    for key_type, key in keys.items():
+        key_ids = list((key or {}).get("keys", {}))
+        if key_ids:
+            found[str(key_type)] = str(key_ids[0])
+    return found
 
 
 def classify_fetch_error(error: BaseException) -> ResyncFailure:

@@ -18,7 +18,13 @@ from synapse_xsign_uia._synapse.keys import CrossSigningKeys
 from synapse_xsign_uia._synapse.notices import ServerNotices
 from synapse_xsign_uia._synapse.reactor import run_in_background
 from synapse_xsign_uia._synapse.requests import Requests
-from synapse_xsign_uia._synapse.servlets import Handler, NativeServlet, replace_servlet
+from synapse_xsign_uia._synapse.servlets import (
+    AdminRoute,
+    Handler,
+    NativeServlet,
+    add_admin_route,
+    replace_servlet,
+)
 from synapse_xsign_uia._synapse.support import check_internals, writes_keys
 
 if TYPE_CHECKING:
@@ -95,9 +101,10 @@ class Synapse:
         self.notices = ServerNotices(hs)
 
     def device_lists(self) -> DeviceLists:
-        """Remote users' device lists (the resync endpoint's verbs), set up on first use."""
+        """Remote users' device lists (the resync and repair endpoints' verbs), set up on
+        first use."""
         if self._device_lists is None:
-            self._device_lists = DeviceLists(self._hs)
+            self._device_lists = DeviceLists(self._api, self._hs)
         return self._device_lists
 
     # Servlets and resources.
@@ -112,11 +119,25 @@ class Synapse:
 
     def serves(self, servlet: NativeServlet) -> bool:
         """Whether Synapse builds `servlet` in this process, by its configuration."""
-        if "client" not in _listener_resources(self._hs):
-            return False
         if servlet is NativeServlet.ADMIN_WINDOW:
-            return self.is_main_process
-        return writes_keys(self._hs)
+            return self.serves_admin_api
+        return "client" in _listener_resources(self._hs) and writes_keys(self._hs)
+
+    @property
+    def serves_admin_api(self) -> bool:
+        """Whether this process serves Synapse's admin API (the main process, on its client
+        listeners)."""
+        return self.is_main_process and "client" in _listener_resources(self._hs)
+
+    def add_admin_route(
+        self, name: str, pattern: re.Pattern[str], handlers: Mapping[str, Handler]
+    ) -> AdminRoute:
+        """Serve `pattern` under `/_synapse/admin/` with Synapse's admin API; `name` names
+        it in Synapse's request metrics. `route.registrations` counts the listeners that
+        serve it, for the start-up self-check."""
+        route = AdminRoute(name, pattern, handlers)
+        add_admin_route(route)
+        return route
 
     def serve_json(
         self, path: str, on_get: Callable[[SynapseRequest], Awaitable[tuple[int, Any]]]

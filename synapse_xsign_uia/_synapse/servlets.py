@@ -101,3 +101,51 @@ def replace_servlet(
 def was_built(replacement: type) -> bool:
     """Whether Synapse instantiated `replacement` for one of its listeners."""
     return int(getattr(replacement, "instances", 0)) > 0
+
+
+# Synapse builds its admin API by calling this, on every supported release, with the admin
+# resource of each listener that serves it: a module resource cannot sit beneath that
+# resource, but a path registered on it is served like Synapse's own admin endpoints.
+ADMIN_REGISTER = "synapse.rest.admin:register_servlets"
+
+
+class AdminRoute:
+    """A path of the module's own under `/_synapse/admin/`, with a handler per method
+    (`GET`, `POST`, ...), each called with the request and the path's arguments by name."""
+
+    def __init__(
+        self, name: str, pattern: re.Pattern[str], handlers: Mapping[str, Handler]
+    ) -> None:
+        self.name = name
+        self.pattern = pattern
+        self.handlers = dict(handlers)
+        self.registrations = 0
+
+    def register(self, http_server: Any) -> None:
+        for method, handler in self.handlers.items():
+            http_server.register_paths(method, [self.pattern], handler, self.name)
+        self.registrations += 1
+
+
+def add_admin_route(route: AdminRoute) -> None:
+    """Have Synapse serve `route` wherever it serves its admin API (the main process), by
+    wrapping the function with which it registers its admin servlets."""
+    module_name, _, attribute = ADMIN_REGISTER.partition(":")
+    module = importlib.import_module(module_name)
+    current = getattr(module, attribute)
+    routes: list[AdminRoute] | None = getattr(current, "xsign_uia_routes", None)
+    if routes is None:
+        native = current
+        added: list[AdminRoute] = []
+
+        def register_servlets(hs: Any, http_server: Any) -> None:
+            native(hs, http_server)
+            # Synapse serves its admin API from the main process only.
+            if hs.config.worker.worker_app is None:
+                for added_route in added:
+                    added_route.register(http_server)
+
+        register_servlets.xsign_uia_routes = added  # type: ignore[attr-defined]
+        setattr(module, attribute, register_servlets)
+        routes = added
+    routes.append(route)

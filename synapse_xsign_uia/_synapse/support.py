@@ -25,6 +25,7 @@ REQUIRED_NAMES = (
     "synapse.rest.client._base:interactive_auth_handler",
     "synapse.rest.admin:UserReplaceMasterCrossSigningKeyRestServlet",
     "synapse.rest.admin._base:assert_user_is_admin",
+    "synapse.rest.admin:register_servlets",
     "synapse.module_api:make_deferred_yieldable",
     "synapse.logging.context:PreserveLoggingContext",
     "synapse.api.errors:InteractiveAuthIncompleteError",
@@ -44,7 +45,10 @@ REQUIRED_NAMES = (
 
 # Methods of classes named above: "module:Class" -> method names.
 REQUIRED_CLASS_METHODS = {
-    "synapse.handlers.device:DeviceListUpdater": ("multi_user_device_resync",),
+    "synapse.handlers.device:DeviceListUpdater": (
+        "multi_user_device_resync",
+        "_maybe_retry_device_resync",
+    ),
     "synapse.handlers.device:DeviceListWorkerUpdater": ("multi_user_device_resync",),
     "synapse.federation.federation_client:FederationClient": ("query_user_devices",),
     "synapse.server_notices.server_notices_manager:ServerNoticesManager": ("send_notice",),
@@ -79,6 +83,7 @@ REQUIRED_STORE_METHODS = (
     "mark_remote_users_device_caches_as_stale",
     "do_users_share_a_room",
     "get_destination_retry_timings",
+    "get_users_server_still_shares_room_with",
 )
 
 

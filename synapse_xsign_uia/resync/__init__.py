@@ -2,7 +2,8 @@
 device list again.
 
 - `endpoint.py`: the route, the checks of a request, the answer
-- `service.py`: the fetch through Synapse, one per user at a time, with the cooldown
+- `service.py`: the fetch through Synapse, one per user at a time across the homeserver,
+  with the cooldown
 - `limits.py`: the per-requester token bucket and the per-user cooldown (pure)
 - `flights.py`: single-flight bookkeeping (pure)
 - `wording.py`: what a client is told when a fetch failed (pure)

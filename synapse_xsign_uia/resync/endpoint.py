@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from synapse_xsign_uia._synapse import Caller, Synapse
     from synapse_xsign_uia.config import ResyncConfig
+    from synapse_xsign_uia.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ def _retry_after(retry_after_ms: int) -> dict[str, str]:
 class ResyncEndpoint:
     """Checks a request, asks the service, and answers."""
 
-    def __init__(self, config: ResyncConfig, synapse: Synapse) -> None:
+    def __init__(self, config: ResyncConfig, synapse: Synapse, store: Store) -> None:
         self._config = config
         self._synapse = synapse
         self._device_lists = synapse.device_lists()
-        self._service = ResyncService(config, synapse)
+        self._service = ResyncService(config, synapse, store)
         self._limiter: RateLimiter[str] = RateLimiter(config.rate_per_second, config.burst_count)
         self._metrics = metrics.for_server(synapse.server_name)
 
@@ -130,7 +131,7 @@ class ResyncEndpoint:
         self._metrics.resync_request(outcome.kind)
 
 
-def serve_resync_endpoint(config: ResyncConfig, synapse: Synapse) -> ResyncEndpoint:
-    endpoint = ResyncEndpoint(config, synapse)
+def serve_resync_endpoint(config: ResyncConfig, synapse: Synapse, store: Store) -> ResyncEndpoint:
+    endpoint = ResyncEndpoint(config, synapse, store)
     synapse.serve_json(RESOURCE_PATH, endpoint.on_GET)
     return endpoint
