@@ -14,6 +14,7 @@ from synapse_xsign_uia.config import (
     DEFAULT_NOTICE_MESSAGE,
     Config,
     NoticeConfig,
+    RepairConfig,
     ResyncConfig,
     parse_config,
     parse_duration,
@@ -41,6 +42,7 @@ def test_defaults() -> None:
             rate_per_second=0.2,
             burst_count=5,
         ),
+        device_list_repair=RepairConfig(enabled=True),
         notify_on_reset=NoticeConfig(enabled=False, email=False, message=DEFAULT_NOTICE_MESSAGE),
     )
 
@@ -72,6 +74,7 @@ def test_every_key() -> None:
                 "rate_per_second": 3,
                 "burst_count": 7,
             },
+            "device_list_repair": {"enabled": False},
             "notify_on_reset": {"enabled": True, "email": True, "message": "Reset at {time}."},
         }
     )
@@ -89,6 +92,7 @@ def test_every_key() -> None:
             rate_per_second=3.0,
             burst_count=7,
         ),
+        device_list_repair=RepairConfig(enabled=False),
         notify_on_reset=NoticeConfig(enabled=True, email=True, message="Reset at {time}."),
     )
 
@@ -170,6 +174,18 @@ def test_unknown_nested_key_is_named() -> None:
 def test_config_must_be_a_mapping() -> None:
     assert "must be a mapping" in error_for(["first_upload_without_uia"])
     assert "'device_list_resync' must be a mapping" in error_for({"device_list_resync": True})
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"enabled": "yes"}, "'device_list_repair.enabled' must be true or false"),
+        ({"enable": True}, "'device_list_repair.enable' is not a known option"),
+        ([True], "'device_list_repair' must be a mapping"),
+    ],
+)
+def test_bad_repair_section_is_named(value: Any, message: str) -> None:
+    assert message in error_for({"device_list_repair": value})
 
 
 def test_window_longer_than_maximum() -> None:

@@ -1,19 +1,23 @@
-"""The pure parts of the device-list resync endpoint: user-ID grammar, path parsing, the
-per-requester token bucket, the per-user cooldown, single-flight bookkeeping and the
-wording of failures. Time is an argument everywhere, so no clock is needed."""
+"""The pure parts of the device-list resync endpoint and the admin view of device lists:
+user-ID and server-name grammar, path parsing, the per-requester token bucket, the per-user
+cooldown, single-flight bookkeeping, the wording of failures and their stored form, and
+reading Synapse's backoff record. Time is an argument everywhere, so no clock is needed."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from synapse_xsign_uia._synapse.device_list_state import Destination, RemoteUser, _on_server
 from synapse_xsign_uia._synapse.device_lists import (
     FailureReason,
     ResyncFailure,
     _classify_by_backoff,
+    _key_ids,
     classify_fetch_error,
 )
 from synapse_xsign_uia.outcomes import ResyncOutcome
@@ -27,7 +31,13 @@ from synapse_xsign_uia.resync import (
     failure_error,
     route_user_segment,
 )
-from synapse_xsign_uia.user_ids import InvalidUserId, parse_user_id
+from synapse_xsign_uia.resync.service import failure_fields, stored_failure
+from synapse_xsign_uia.user_ids import (
+    InvalidServerName,
+    InvalidUserId,
+    check_server_name,
+    parse_user_id,
+)
 from synapse_xsign_uia.user_ids import decode_path_segment as decode_user_segment
 
 # --- User IDs ---------------------------------------------------------------------------
@@ -436,3 +446,77 @@ def test_classify_network_errors() -> None:
 def test_classify_anything_else() -> None:
     failure = classify_fetch_error(KeyError("stream_id"))
     assert failure.reason.value == "error"
+
+
+# --- Failures stored for the processes that wait for another's fetch ---------------------
+
+
+@given(
+    reason=st.sampled_from(FailureReason),
+    detail=st.text(max_size=50),
+    retry_at_ms=st.none() | st.integers(min_value=0, max_value=2**53),
+    remote_status=st.none() | st.integers(min_value=100, max_value=599),
+)
+def test_stored_failure_round_trips(
+    reason: FailureReason, detail: str, retry_at_ms: int | None, remote_status: int | None
+) -> None:
+    failure = ResyncFailure(reason, detail, retry_at_ms, remote_status)
+    stored = json.loads(json.dumps(failure_fields(failure)))
+    assert stored_failure(stored) == failure
+
+
+@pytest.mark.parametrize("fields", [{}, {"reason": "gremlins", "detail": "x"}, {"detail": "x"}])
+def test_unreadable_stored_failure_is_an_internal_error(fields: dict[str, Any]) -> None:
+    assert stored_failure(fields).reason is FailureReason.ERROR
+
+
+# --- What Synapse's tables say, for the operator -----------------------------------------
+
+
+def test_a_destination_without_failures_is_reachable() -> None:
+    destination = Destination("example.org", None, None, 0)
+    assert destination.reachable
+    assert destination.next_retry_ms is None
+
+
+def test_a_failing_destination_says_when_synapse_tries_again() -> None:
+    destination = Destination("example.org", 1_000, 5_000, 20_000)
+    assert not destination.reachable
+    assert destination.next_retry_ms == 25_000
+
+
+def test_users_of_a_server_are_matched_exactly() -> None:
+    users = ["@a:example.org", "@b:sub.example.org", "@c:example.org:8448", "@d:EXAMPLE.ORG"]
+    assert _on_server(users, "example.org") == ["@a:example.org"]
+    assert _on_server(users, "example.org:8448") == ["@c:example.org:8448"]
+    # A server name that is all digits must not match another server's port.
+    assert _on_server(["@e:example.org:8448"], "8448") == []
+
+
+def test_key_ids_by_type() -> None:
+    keys = {
+        "master": {"user_id": "@a:x", "usage": ["master"], "keys": {"ed25519:AAA": "AAA"}},
+        "self_signing": {"keys": {"ed25519:BBB": "BBB"}},
+        "user_signing": {"keys": {}},
+    }
+    assert _key_ids(keys) == {"master": "ed25519:AAA", "self_signing": "ed25519:BBB"}
+
+
+def test_a_user_known_only_by_a_shared_room_is_known() -> None:
+    assert RemoteUser("@a:x", False, True, None, 0, {}).known
+    assert not RemoteUser("@a:x", False, False, None, 0, {}).known
+
+
+@pytest.mark.parametrize(
+    "name", ["example.org", "localhost:8448", "1.2.3.4", "[::1]:8448", "a-b.c", "8448"]
+)
+def test_valid_server_names(name: str) -> None:
+    check_server_name(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["", "bad server", "example.org:", "example.org:99999", "ex_ample.org", "[::1", "a/b"]
+)
+def test_invalid_server_names(name: str) -> None:
+    with pytest.raises(InvalidServerName):
+        check_server_name(name)
