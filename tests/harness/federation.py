@@ -285,6 +285,22 @@ def wait_for_device_list_change(
             return True, token
 
 
+def device_list(user_id: str, device_id: str) -> dict[str, Any]:
+    """A remote server's answer to `GET /_matrix/federation/v1/user/devices/{userId}`."""
+    keys = {
+        "user_id": user_id,
+        "device_id": device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+        "keys": {f"ed25519:{device_id}": "x" * 43, f"curve25519:{device_id}": "y" * 43},
+        "signatures": {},
+    }
+    return {
+        "user_id": user_id,
+        "stream_id": 7,
+        "devices": [{"device_id": device_id, "keys": keys}],
+    }
+
+
 class StaticFederationServer:
     """A TLS server that answers every GET with the same status and JSON body: a remote
     homeserver that is up but will not send a device list, or one that always sends the

@@ -24,6 +24,7 @@ from tests.harness.client import QUERY_PATH, User, register_user
 from tests.harness.federation import (
     FederatingSynapse,
     StaticFederationServer,
+    device_list,
     share_room,
     start_all,
     sync,
@@ -386,22 +387,6 @@ def deployment() -> Iterator[WorkerDeployment]:
     deployment = WorkerDeployment(LOCAL_MODULE_CONFIG, extra).start()
     yield deployment
     deployment.stop()
-
-
-def device_list(user_id: str, device_id: str) -> dict[str, Any]:
-    """A remote server's answer to `GET /_matrix/federation/v1/user/devices/{userId}`."""
-    keys = {
-        "user_id": user_id,
-        "device_id": device_id,
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
-        "keys": {f"ed25519:{device_id}": "x" * 43, f"curve25519:{device_id}": "y" * 43},
-        "signatures": {},
-    }
-    return {
-        "user_id": user_id,
-        "stream_id": 7,
-        "devices": [{"device_id": device_id, "keys": keys}],
-    }
 
 
 def test_on_a_worker_the_device_list_writer_fetches(deployment: WorkerDeployment) -> None:

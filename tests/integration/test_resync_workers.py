@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from tests.harness.client import User, register_user
-from tests.harness.federation import StaticFederationServer
+from tests.harness.federation import StaticFederationServer, device_list
 from tests.harness.workers import SynapseProcess, WorkerDeployment, skip_without_worker_requirements
-from tests.integration.test_resync import REASON, assert_error, device_list, resync
+from tests.integration.test_resync import REASON, assert_error, resync
 
 pytestmark = pytest.mark.synapse
 
