@@ -404,7 +404,7 @@ def test_on_a_worker_the_device_list_writer_fetches(deployment: WorkerDeployment
         remote.body = device_list(target, "REMOTEDEVICE")
         assert resync(worker, target).status_code == 202
         assert remote.requests == 1
-        # The cooldown lives in the worker that answered.
+        # Within the cooldown the worker answers without a new fetch.
         assert resync(worker, target).status_code == 202
         assert remote.requests == 1
     # The worker asked the main process, which fetched.
