@@ -285,22 +285,50 @@ def wait_for_device_list_change(
             return True, token
 
 
+def device_list(user_id: str, device_id: str) -> dict[str, Any]:
+    """A remote server's answer to `GET /_matrix/federation/v1/user/devices/{userId}`."""
+    keys = {
+        "user_id": user_id,
+        "device_id": device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+        "keys": {f"ed25519:{device_id}": "x" * 43, f"curve25519:{device_id}": "y" * 43},
+        "signatures": {},
+    }
+    return {
+        "user_id": user_id,
+        "stream_id": 7,
+        "devices": [{"device_id": device_id, "keys": keys}],
+    }
+
+
 class StaticFederationServer:
     """A TLS server that answers every GET with the same status and JSON body: a remote
     homeserver that is up but will not send a device list, or one that always sends the
-    same list. It counts the requests it answered."""
+    same list. `requests` counts the GETs it received, each as it arrives.
 
-    def __init__(self, status: int, body: dict[str, Any] | None = None) -> None:
+    With a `delay` (seconds) it waits that long before answering each GET, so that requests
+    made meanwhile meet a fetch still in flight.
+    """
+
+    def __init__(
+        self, status: int, body: dict[str, Any] | None = None, *, delay: float = 0
+    ) -> None:
         self.status = status
         self.body = body if body is not None else {"errcode": "M_UNRECOGNIZED", "error": "test"}
-        self.requests = 0
+        self.delay = delay
+        self._requests = 0
+        # One handler thread per connection: concurrent fetches must not lose a count.
+        self._lock = threading.Lock()
         self._directory = Path(tempfile.mkdtemp(prefix="xsign-static-"))
         cert_path, key_path = write_self_signed_certificate(self._directory)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                outer.requests += 1
+                with outer._lock:
+                    outer._requests += 1
+                if outer.delay > 0:
+                    time.sleep(outer.delay)
                 body = json.dumps(outer.body).encode()
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
@@ -317,6 +345,11 @@ class StaticFederationServer:
         self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self.server_name = f"localhost:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> int:
+        with self._lock:
+            return self._requests
 
     def __enter__(self) -> StaticFederationServer:
         self._thread.start()

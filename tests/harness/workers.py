@@ -1,5 +1,6 @@
 """A scaled-out homeserver for the tests: a private PostgreSQL cluster, a Redis server, a
-Synapse main process and one `generic_worker` serving the client API, all on loopback."""
+Synapse main process and one or more `generic_worker`s serving the client API, all on
+loopback."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -258,14 +260,21 @@ def _log_config(directory: Path, name: str) -> Path:
 
 
 class WorkerDeployment:
-    """PostgreSQL + Redis + Synapse main (client, admin and replication listeners) + one
-    generic worker with a client listener; the module is loaded in both processes."""
+    """PostgreSQL + Redis + Synapse main (client, admin and replication listeners) + `workers`
+    generic workers, `worker1` to `workerN`, each with a client listener, a log file and a
+    configuration file of its own; the module is loaded in every process.
+
+    `workers` lists the worker processes in order; `worker` is the first of them.
+    """
 
     def __init__(
         self,
         module_config: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"a deployment needs at least one worker, not {workers}")
         self.directory = Path(tempfile.mkdtemp(prefix="xsign-workers-"))
         self.module_config = module_config or {}
         self.extra_config = extra_config or {}
@@ -273,7 +282,6 @@ class WorkerDeployment:
         self.redis = RedisServer(self.directory)
         self.main_port = free_port()
         self.replication_port = free_port()
-        self.worker_port = free_port()
         self.config: dict[str, Any] = {}
         self.main = SynapseProcess(
             "main",
@@ -283,14 +291,26 @@ class WorkerDeployment:
             self.directory / "main.log",
             self.directory,
         )
-        self.worker = SynapseProcess(
-            "worker1",
-            "synapse.app.generic_worker",
-            [],
-            self.worker_port,
-            self.directory / "worker1.log",
-            self.directory,
-        )
+        self.workers: list[SynapseProcess] = [
+            SynapseProcess(
+                f"worker{number}",
+                "synapse.app.generic_worker",
+                [],
+                free_port(),
+                self.directory / f"worker{number}.log",
+                self.directory,
+            )
+            for number in range(1, workers + 1)
+        ]
+
+    @property
+    def worker(self) -> SynapseProcess:
+        return self.workers[0]
+
+    @property
+    def processes(self) -> list[SynapseProcess]:
+        """Main first, then the workers."""
+        return [self.main, *self.workers]
 
     @property
     def shared_secret(self) -> str:
@@ -327,26 +347,27 @@ class WorkerDeployment:
         main_path = self.directory / "homeserver.yaml"
         main_path.write_text(yaml.safe_dump(self.config))
 
-        worker_path = self.directory / "worker1.yaml"
-        worker_path.write_text(
-            yaml.safe_dump(
-                {
-                    "worker_app": "synapse.app.generic_worker",
-                    "worker_name": "worker1",
-                    "worker_listeners": [
-                        {
-                            "type": "http",
-                            "port": self.worker_port,
-                            "bind_addresses": ["127.0.0.1"],
-                            "resources": [{"names": ["client"]}],
-                        }
-                    ],
-                    "worker_log_config": str(_log_config(self.directory, "worker1")),
-                }
-            )
-        )
         self.main.configs = [main_path]
-        self.worker.configs = [main_path, worker_path]
+        for worker in self.workers:
+            worker_path = self.directory / f"{worker.name}.yaml"
+            worker_path.write_text(
+                yaml.safe_dump(
+                    {
+                        "worker_app": "synapse.app.generic_worker",
+                        "worker_name": worker.name,
+                        "worker_listeners": [
+                            {
+                                "type": "http",
+                                "port": worker.port,
+                                "bind_addresses": ["127.0.0.1"],
+                                "resources": [{"names": ["client"]}],
+                            }
+                        ],
+                        "worker_log_config": str(_log_config(self.directory, worker.name)),
+                    }
+                )
+            )
+            worker.configs = [main_path, worker_path]
 
     def start(self) -> WorkerDeployment:
         try:
@@ -356,14 +377,33 @@ class WorkerDeployment:
             self._write_configs()
             # Main first: it prepares the empty database.
             self.main.start()
-            self.worker.start()
+            self._start_workers()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_workers(self) -> None:
+        # Side by side: each takes seconds, mostly spent importing Synapse.
+        errors: list[BaseException] = []
+
+        def run(worker: SynapseProcess) -> None:
+            try:
+                worker.start()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(worker,)) for worker in self.workers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
     def stop(self, cleanup: bool = True) -> None:
-        self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         self.main.stop()
         self.redis.stop()
         self.postgres.stop()

@@ -24,6 +24,7 @@ from tests.harness.client import QUERY_PATH, User, register_user
 from tests.harness.federation import (
     FederatingSynapse,
     StaticFederationServer,
+    device_list,
     share_room,
     start_all,
     sync,
@@ -388,22 +389,6 @@ def deployment() -> Iterator[WorkerDeployment]:
     deployment.stop()
 
 
-def device_list(user_id: str, device_id: str) -> dict[str, Any]:
-    """A remote server's answer to `GET /_matrix/federation/v1/user/devices/{userId}`."""
-    keys = {
-        "user_id": user_id,
-        "device_id": device_id,
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
-        "keys": {f"ed25519:{device_id}": "x" * 43, f"curve25519:{device_id}": "y" * 43},
-        "signatures": {},
-    }
-    return {
-        "user_id": user_id,
-        "stream_id": 7,
-        "devices": [{"device_id": device_id, "keys": keys}],
-    }
-
-
 def test_on_a_worker_the_device_list_writer_fetches(deployment: WorkerDeployment) -> None:
     admin = register_user(deployment.main.base_url, deployment.shared_secret, admin=True)
     worker = User(
@@ -419,7 +404,7 @@ def test_on_a_worker_the_device_list_writer_fetches(deployment: WorkerDeployment
         remote.body = device_list(target, "REMOTEDEVICE")
         assert resync(worker, target).status_code == 202
         assert remote.requests == 1
-        # The cooldown lives in the worker that answered.
+        # Within the cooldown the worker answers without a new fetch.
         assert resync(worker, target).status_code == 202
         assert remote.requests == 1
     # The worker asked the main process, which fetched.
