@@ -23,7 +23,13 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from tests.conftest import ServerFactory
-from tests.harness.client import QUERY_PATH, CrossSigningKeys, User, register_user
+from tests.harness.client import (
+    QUERY_PATH,
+    CrossSigningKeys,
+    User,
+    cross_signing_keys_in,
+    register_user,
+)
 from tests.harness.federation import (
     CLIENT,
     FederatingSynapse,
@@ -375,6 +381,10 @@ def test_status_shows_the_cached_cross_signing_keys(pair: Pair, admin: User) -> 
     contacts_ = contacts(pair, 1, before_fetch=upload_cross_signing_keys)
     target = contacts_.remote_user_ids[0]
     keys = uploaded[target]
+    response = contacts_.local_user.request("POST", QUERY_PATH, {"device_keys": {target: []}})
+    response.raise_for_status()
+    cached = cross_signing_keys_in(response.json(), target)
+    assert set(cached) == {"master", "self_signing"}, "the local server did not cache the keys"
 
     status = user_status(admin, target)
 
