@@ -70,7 +70,6 @@ class Contacts:
 
     local_user: User
     remote_users: list[User]
-    room_id: str
     fetched_from_ms: int
     fetched_until_ms: int
 
@@ -246,7 +245,7 @@ def contacts(
     assert seen == {user.user_id: {user.device_id} for user in remote_users}
     for target in targets:
         assert settled_queries(pair.remote, target, 1) == 1
-    return Contacts(local_user, remote_users, room_id, fetched_from, now_ms())
+    return Contacts(local_user, remote_users, fetched_from, now_ms())
 
 
 def outdate(contacts: Contacts, remote_user: User) -> str:
