@@ -20,7 +20,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from synapse.api.errors import Codes
 
-from synapse_xsign_uia import body, resync, upload
+from synapse_xsign_uia import body, device_list_admin, resync, upload
 from synapse_xsign_uia._synapse import FailureReason, NativeServlet
 from synapse_xsign_uia._synapse.servlets import native_class
 from synapse_xsign_uia.admin import PATTERNS as ADMIN_PATTERNS
@@ -181,6 +181,53 @@ def test_resync_path_and_method_match_the_resource() -> None:
     # The endpoint is served with `Synapse.serve_json`, which serves `on_GET` alone.
     rendered = served_methods(vars(resync.ResyncEndpoint))
     assert rendered == documented_methods(openapi.RESYNC) == {"get"}
+
+
+DEVICE_LIST_ADMIN_PREFIX = "/_synapse/admin/v1/remote_device_lists/"
+# A value for each path parameter of the device-list admin API, as a client sends it.
+DEVICE_LIST_ADMIN_EXAMPLES = {"userId": "%40alice%3Aremote.example", "serverName": "remote.example"}
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+def example_path(template: str) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: DEVICE_LIST_ADMIN_EXAMPLES[m[1]], template)
+
+
+def test_device_list_admin_paths_and_methods_match_the_code() -> None:
+    documented = {t for t in SPEC["paths"] if t.startswith(DEVICE_LIST_ADMIN_PREFIX)}
+    assert documented == set(device_list_admin.PATTERNS)
+    assert len(documented) == 3
+    for template, (pattern, methods) in device_list_admin.PATTERNS.items():
+        assert documented_methods(template) == {method.lower() for method in methods}, template
+        # The code's groups are the template's parameters, named in snake case.
+        parameters = re.findall(r"\{(\w+)\}", template)
+        assert set(pattern.groupindex) == {snake_case(name) for name in parameters}, template
+        match = pattern.match(example_path(template))
+        assert match is not None, template
+        for name in parameters:
+            assert match[snake_case(name)] == DEVICE_LIST_ADMIN_EXAMPLES[name], template
+        assert not pattern.match(example_path(template) + "/x"), template
+
+
+def test_device_list_admin_paths_do_not_overlap() -> None:
+    """Each documented path is served by its own pattern alone."""
+    for template in device_list_admin.PATTERNS:
+        path = example_path(template)
+        matching = [
+            t for t, (pattern, _) in device_list_admin.PATTERNS.items() if pattern.match(path)
+        ]
+        assert matching == [template], path
+
+
+def test_every_fetch_failure_reason_of_the_status_is_documented() -> None:
+    status = SPEC["components"]["schemas"]["RemoteUserDeviceList"]["properties"]
+    failure = next(b for b in status["last_failed_fetch"]["oneOf"] if b["type"] == "object")
+    assert {reason.value for reason in FailureReason} == set(
+        failure["properties"]["reason"]["enum"]
+    )
 
 
 def raised_errcodes() -> set[str]:
