@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from synapse.module_api.errors import Codes, SynapseError
 
 from synapse_xsign_uia import metrics
+from synapse_xsign_uia.errors import read_json_body
 from synapse_xsign_uia.store import Repair
 from synapse_xsign_uia.user_ids import (
     InvalidServerName,
@@ -149,6 +150,9 @@ class DeviceListAdmin:
 
     async def repair(self, request: SynapseRequest, server_name: str) -> Response:
         admin = await self._synapse.requests.admin(request)
+        # No field is read, but a body must be what Synapse's admin API takes: none, or a
+        # JSON object.
+        read_json_body(request, allow_empty_body=True)
         self._check_remote(server_name)
         users = list((await self._device_lists.remote_server(server_name)).tracked_users)
         if not users:

@@ -21,6 +21,9 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 UPLOAD = "/_matrix/client/v3/keys/device_signing/upload"
 ADMIN_WINDOW = "/_synapse/admin/v1/users/{user_id}/_allow_cross_signing_replacement_without_uia"
 RESYNC = "/_matrix/unstable/org.matrix.mscXXXX/user/{userId}/devices"
+DEVICE_LIST_USER = "/_synapse/admin/v1/remote_device_lists/users/{userId}"
+DEVICE_LIST_SERVER = "/_synapse/admin/v1/remote_device_lists/servers/{serverName}"
+DEVICE_LIST_REPAIR = "/_synapse/admin/v1/remote_device_lists/servers/{serverName}/repair"
 
 # (path template, method, status, errcode or None)
 Answer = tuple[str, str, int, str | None]

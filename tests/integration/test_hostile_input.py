@@ -1,7 +1,7 @@
 """Hostile input against a running Synapse with the module.
 
 A generated-input run sends more than 10,000 requests with generated bodies, headers and
-path values to the upload, admin and resync endpoints. No answer may be a 5xx; every answer
+path values to the upload, admin, resync and remote device-list admin endpoints. No answer may be a 5xx; every answer
 to a documented operation must be one that `docs/openapi.yaml` lists, with the documented
 body; the server stays healthy; and a refused request changes no stored key and no admin
 window. The named hostile inputs (oversized bodies, deep nesting, huge key maps, non-UTF-8,
@@ -63,7 +63,12 @@ pytestmark = pytest.mark.synapse
 SCALE = float(os.environ.get("XSIGN_HOSTILE_SCALE", "1"))
 CASES = {
     endpoint: max(1, round(count * SCALE))
-    for endpoint, count in {"upload": 5200, "admin": 2600, "resync": 2600}.items()
+    for endpoint, count in {
+        "upload": 5200,
+        "admin": 2600,
+        "resync": 2600,
+        "device_lists": 1300,
+    }.items()
 }
 MINIMUM_TOTAL = round(10_000 * min(SCALE, 1.0))
 # Stored keys of a user with keys are compared after every 200 and every this many cases.
@@ -73,6 +78,12 @@ HEALTH_EVERY = 250
 ADMIN_PREFIX = "/_synapse/admin/v1/users/"
 ADMIN_SUFFIX = "/_allow_cross_signing_replacement_without_uia"
 RESYNC_PREFIX = "/_matrix/unstable/org.matrix.mscXXXX/user/"
+DEVICE_LISTS_PREFIX = "/_synapse/admin/v1/remote_device_lists/"
+DEVICE_LIST_TEMPLATES = (
+    openapi.DEVICE_LIST_USER,
+    openapi.DEVICE_LIST_SERVER,
+    openapi.DEVICE_LIST_REPAIR,
+)
 # Synapse serves the upload servlet under these prefixes.
 UPLOAD_ROUTE = re.compile(r"^/_matrix/client/(v3|unstable)/keys/device_signing/upload$")
 # FIELDS is the module's table, body field -> key type, under the name the generated tests
@@ -1168,6 +1179,77 @@ def test_generated_resync_requests(dep: Deployment, tally: Tally, request: Reque
     tally.stop("resync")
 
 
+def device_list_server_segment(draw: Draw, dep: Deployment) -> str:
+    choice = choose(draw, ["tracked"] * 3 + ["failing", "unknown", "own", "odd", "odd", "bytes"])
+    if choice == "bytes":
+        return encoded_bytes_segment(draw)
+    server = {
+        "tracked": dep.device_list_remote,
+        "failing": dep.failing_remote,
+        "own": "localhost",
+    }.get(choice)
+    if server is None and choice == "unknown":
+        server = choose(draw, ["example.org", "1.2.3.4:8448", "[::1]", "a-b.c", "localhost:1"])
+    if server is None:
+        server = draw(odd_text)
+    return encode_segment(draw, server)
+
+
+@st.composite
+def device_list_admin_requests(draw: Draw) -> Request:
+    dep = LIVE[0]
+    kind = choose(draw, ["user", "server", "repair"])
+    documented_method = "POST" if kind == "repair" else "GET"
+    method = (
+        documented_method
+        if draw(ints(0, 3))
+        else choose(draw, ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    )
+    token = token_of(dep, choose(draw, ["admin"] * 6 + ["plain", "guest", "nobody"]))
+    if kind == "user":
+        documented = f"{DEVICE_LISTS_PREFIX}users/{resync_segment(draw, dep)}"
+    else:
+        documented = f"{DEVICE_LISTS_PREFIX}servers/{device_list_server_segment(draw, dep)}"
+        if kind == "repair":
+            documented += "/repair"
+    shape = choose(draw, ["documented"] * 10 + ["trailing_slash", "extra", "empty"])
+    path = {
+        "documented": documented,
+        "trailing_slash": documented + "/",
+        "extra": documented + "/x",
+        "empty": f"{DEVICE_LISTS_PREFIX}{kind}s/",
+    }[shape]
+    body_kind = choose(draw, ["none"] * 3 + ["empty", "object", "json", "keys"])
+    body: bytes | None
+    if body_kind == "none":
+        body = None
+    elif body_kind == "empty":
+        body = b""
+    elif body_kind == "object":
+        body = b"{}"
+    elif body_kind == "json":
+        body = serialize(draw, Body(draw(json_values)))
+    else:
+        body = upload_body(draw, None, dep.plain.user_id)
+    return drawn_request(draw, method, path, token, body)
+
+
+@settings(SETTINGS, max_examples=CASES["device_lists"])
+@given(request=device_list_admin_requests())
+def test_generated_device_list_admin_requests(
+    dep: Deployment, tally: Tally, request: Request
+) -> None:
+    tally.start("device_lists")
+    path = request.target.split("?", 1)[0]
+    response = run(dep, request)
+    template = next(
+        (t for t in DEVICE_LIST_TEMPLATES if openapi.template_regex(t).match(path)), None
+    )
+    check_answer(dep.server, tally, "device_lists", template, request, response)
+    periodic_health(dep, tally, "device_lists")
+    tally.stop("device_lists")
+
+
 def test_generated_run_summary(
     dep: Deployment,
     tally: Tally,
@@ -1711,6 +1793,8 @@ def recipes(dep: Deployment) -> dict[openapi.Answer, Callable[[], RawResponse]]:
         ),
     }
 
+    recipes.update(device_list_recipes(dep))
+
     def admin_call(
         verb: str, user_id: Callable[[], str], token: str | None
     ) -> Callable[[], RawResponse]:
@@ -1759,6 +1843,88 @@ def recipes(dep: Deployment) -> dict[openapi.Answer, Callable[[], RawResponse]]:
             ),
         }
     )
+    return recipes
+
+
+def device_list_recipes(dep: Deployment) -> dict[openapi.Answer, Callable[[], RawResponse]]:
+    """The remote device-list admin endpoints' answers. A remote user is tracked once the
+    admin's resync has fetched their list."""
+    user_t, server_t, repair_t = (
+        openapi.DEVICE_LIST_USER,
+        openapi.DEVICE_LIST_SERVER,
+        openapi.DEVICE_LIST_REPAIR,
+    )
+    tracked = f"@tracked:{dep.device_list_remote}"
+    quote = functools.partial(urllib.parse.quote, safe="")
+
+    def fetched(then: Callable[[], RawResponse]) -> Callable[[], RawResponse]:
+        def run() -> RawResponse:
+            assert send(dep, "GET", resync_path(tracked), dep.admin.access_token).status == 202
+            return then()
+
+        return run
+
+    def call(template: str, value: str, token: str | None, body: Any = None) -> RawResponse:
+        name = "{userId}" if template == user_t else "{serverName}"
+        method = "POST" if template == repair_t else "GET"
+        return send(dep, method, template.replace(name, quote(value)), token, body)
+
+    recipes: dict[openapi.Answer, Callable[[], RawResponse]] = {
+        (user_t, "get", 200, None): fetched(lambda: call(user_t, tracked, dep.admin.access_token)),
+        (user_t, "get", 404, "M_NOT_FOUND"): lambda: call(
+            user_t, "@nobody:example.org", dep.admin.access_token
+        ),
+        (user_t, "get", 400, "M_INVALID_PARAM"): lambda: call(
+            user_t, "alice", dep.admin.access_token
+        ),
+        (server_t, "get", 200, None): fetched(
+            lambda: call(server_t, dep.device_list_remote, dep.admin.access_token)
+        ),
+        (repair_t, "post", 200, None): fetched(
+            lambda: call(repair_t, dep.device_list_remote, dep.admin.access_token, {})
+        ),
+        (repair_t, "post", 400, "M_NOT_JSON"): lambda: call(
+            repair_t, dep.device_list_remote, dep.admin.access_token, b"{"
+        ),
+        (repair_t, "post", 400, "M_BAD_JSON"): lambda: call(
+            repair_t, dep.device_list_remote, dep.admin.access_token, b"[]"
+        ),
+        (repair_t, "post", 413, "M_TOO_LARGE"): lambda: call(
+            repair_t,
+            dep.device_list_remote,
+            dep.admin.access_token,
+            b'{"x": "' + b"x" * MAX_BODY_BYTES + b'"}',
+        ),
+    }
+    for template, method in ((server_t, "get"), (repair_t, "post")):
+        recipes.update(
+            {
+                (template, method, 400, "M_INVALID_PARAM"): functools.partial(
+                    call, template, "bad server", dep.admin.access_token
+                ),
+                (template, method, 404, "M_NOT_FOUND"): functools.partial(
+                    call, template, "example.org", dep.admin.access_token
+                ),
+            }
+        )
+    for template, method in ((user_t, "get"), (server_t, "get"), (repair_t, "post")):
+        value = tracked if template == user_t else dep.device_list_remote
+        recipes.update(
+            {
+                (template, method, 401, "M_MISSING_TOKEN"): functools.partial(
+                    call, template, value, None
+                ),
+                (template, method, 401, "M_UNKNOWN_TOKEN"): functools.partial(
+                    call, template, value, "not-a-token"
+                ),
+                (template, method, 403, "M_FORBIDDEN"): functools.partial(
+                    call, template, value, dep.plain.access_token
+                ),
+                (template, method, 403, "M_GUEST_ACCESS_FORBIDDEN"): functools.partial(
+                    call, template, value, dep.guest_token
+                ),
+            }
+        )
     return recipes
 
 
