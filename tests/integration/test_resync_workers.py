@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -194,3 +195,32 @@ def test_failed_fetch_starts_no_cooldown_and_is_shared_while_in_flight(
             body = assert_error(response, 502, "M_UNKNOWN")
             assert body[REASON] == "remote_error", body
         assert fetches(deployment, remote) == 3
+
+
+def test_the_main_process_records_and_shows_a_fetch_a_worker_asked_for(
+    deployment: WorkerDeployment,
+) -> None:
+    """The fetch runs on the main process, which records it; the admin status is served there
+    (with Synapse's admin API), not by the workers."""
+    main, worker1, _ = admin_on_each(deployment)
+    with StaticFederationServer(200) as remote:
+        target = f"@status:{remote.server_name}"
+        remote.body = device_list(target, "STATUS")
+        asked_ms = int(time.time() * 1000)
+        assert resync(worker1, target).status_code == 202
+        path = f"/_synapse/admin/v1/remote_device_lists/users/{urllib.parse.quote(target)}"
+        deadline = time.monotonic() + 10
+        while True:
+            response = main.request("GET", path)
+            assert response.status_code == 200, response.text
+            status = response.json()
+            # Recorded in the background, after the fetch.
+            if status["last_fetched_ts"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status["last_fetched_ts"] >= asked_ms - 1000, status
+        assert status["tracked"] is True, status
+        assert status["device_count"] == 1, status
+        assert status["stale"] is False, status
+        assert status["server"]["reachable"] is True, status
+        assert worker1.request("GET", path).status_code == 404
