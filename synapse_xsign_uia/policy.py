@@ -173,6 +173,17 @@ def decide(toggles: Toggles, facts: Facts) -> Decision:
     return Decision(Rule.UIA, Action.REQUIRE_UIA)
 
 
+def needs_lock(decision: Decision, auth_sent: bool) -> bool:
+    """Whether carrying `decision` out may write the user's keys, so that it must be made
+    again, and carried out, under the user's lock. A request answered without a write needs
+    no lock; nor does one that will only be challenged: without `auth` it cannot pass UIA."""
+    if decision.action in (Action.NOTHING, Action.REFUSE):
+        return False
+    if decision.action is Action.REQUIRE_UIA:
+        return auth_sent
+    return True
+
+
 class SessionVerdict(enum.Enum):
     """Whether a completed UIA session may authorise a write (`strict_uia_sessions`); the
     value is what logs and metrics show."""

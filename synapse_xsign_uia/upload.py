@@ -49,6 +49,11 @@ class Attempt:
     def user_id(self) -> str:
         return self.caller.user_id
 
+    @property
+    def auth_sent(self) -> bool:
+        # `"auth": null` is no authentication, as Synapse reads it.
+        return self.body.get("auth") is not None
+
 
 class UploadHandler:
     """The upload endpoint for one homeserver process."""
@@ -90,12 +95,19 @@ class UploadHandler:
             if early is not None:
                 return self._answer(attempt, early.rule, UploadOutcome.NOTHING_WRITTEN)
             validation.check_keys(attempt.requested, caller.user_id)
+        public_keys = [validation.public_key(key) for key in attempt.requested.values()]
+        stored = await keys.stored_state(caller.user_id, public_keys)
+        decision = policy.decide(self._toggles, self._facts(attempt, stored, cached))
+        if not policy.needs_lock(decision, attempt.auth_sent):
+            # Writes nothing: as if it had come just before any write now in progress.
+            with self._decision_logged(caller.user_id, decision.rule):
+                return await self._carry_out(attempt, decision, stored, native, locked=False)
         async with self._lock.hold(caller.user_id):
-            public_keys = [validation.public_key(key) for key in attempt.requested.values()]
+            # Decided again: another request may have written the keys meanwhile.
             stored = await keys.stored_state(caller.user_id, public_keys)
             decision = policy.decide(self._toggles, self._facts(attempt, stored, cached))
             with self._decision_logged(caller.user_id, decision.rule):
-                return await self._carry_out(attempt, decision, stored, native)
+                return await self._carry_out(attempt, decision, stored, native, locked=True)
 
     def _facts(
         self, attempt: Attempt, stored: StoredState, cached: Mapping[str, JsonKey] | None
@@ -112,7 +124,13 @@ class UploadHandler:
         )
 
     async def _carry_out(
-        self, attempt: Attempt, decision: Decision, stored: StoredState, native: Native
+        self,
+        attempt: Attempt,
+        decision: Decision,
+        stored: StoredState,
+        native: Native,
+        *,
+        locked: bool,
     ) -> Answer:
         if decision.action is Action.NOTHING:
             if decision.refresh_cache:
@@ -139,6 +157,13 @@ class UploadHandler:
             session_id = await self._user_interactive_auth(attempt)
         if not written:
             return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
+        if not locked:
+            # Synapse's UIA passed a request without `auth`, which it never does: write
+            # nothing outside the lock, and challenge, so that the retry takes it.
+            logger.error("UIA passed without authentication for %s; challenging", attempt.user_id)
+            raise await self._synapse.keys.fresh_uia_challenge(
+                attempt.caller, attempt.request, attempt.body, UIA_DESCRIPTION
+            )
         # Signatures are checked after UIA, as Synapse does: a challenge costs no signature
         # verification.
         validation.check_signatures(attempt.requested, stored.keys, attempt.user_id)

@@ -14,7 +14,7 @@ import requests
 import synapse
 
 from synapse_xsign_uia._synapse import parse_version
-from tests.harness.client import CrossSigningKeys, User, register_user
+from tests.harness.client import UPLOAD_PATH, CrossSigningKeys, User, register_user
 from tests.harness.workers import WorkerDeployment
 
 pytestmark = pytest.mark.synapse
@@ -202,6 +202,50 @@ def test_uploads_wait_for_the_cross_worker_lock(deployment: WorkerDeployment) ->
     thread.join(timeout=60)
     assert result["response"].status_code == 200
     assert result["at"] - released < 2
+
+
+def test_answers_that_write_nothing_do_not_wait_for_the_lock(deployment: WorkerDeployment) -> None:
+    """An identical re-upload and a UIA challenge write nothing, so they are answered while
+    another process holds the user's lock; the retry that authenticates writes, so it waits."""
+    user = on(
+        register_user(deployment.main.base_url, deployment.shared_secret), upload_url(deployment)
+    )
+    stored = user.keys()
+    assert user.upload(stored.body()).status_code == 200
+    conn = hold_lock(deployment, user, 60)
+    result: dict[str, Any] = {}
+    try:
+        started = time.monotonic()
+        assert user.upload(stored.body()).status_code == 200
+        replacement = user.keys().body()
+        challenge = user.upload(replacement)
+        assert challenge.status_code == 401, challenge.text
+        assert challenge.json()["session"]
+        assert time.monotonic() - started < 2, "an answer that writes nothing waited"
+
+        def authenticated_retry() -> None:
+            result["response"] = user.request(
+                "POST",
+                UPLOAD_PATH,
+                {**replacement, "auth": user.password_auth(challenge.json()["session"])},
+            )
+            result["at"] = time.monotonic()
+
+        thread = threading.Thread(target=authenticated_retry)
+        thread.start()
+        time.sleep(2)
+        assert "response" not in result, "the write did not wait for the lock"
+    finally:
+        released = time.monotonic()
+        with conn.cursor() as cursor:
+            cursor.execute("DELETE FROM synapse_xsign_uia_user_locks WHERE token = 'held-by-test'")
+        conn.close()
+    thread.join(timeout=60)
+    assert result["response"].status_code == 200, result["response"].text
+    assert result["at"] - released < 2
+    assert user.stored_public_keys()["master"] == next(
+        iter(replacement["master_key"]["keys"].values())
+    )
 
 
 def test_a_lock_whose_holder_died_is_taken_over_within_seconds(

@@ -25,6 +25,7 @@ from synapse_xsign_uia.policy import (
     decide_early,
     is_identical,
     judge_uia_session,
+    needs_lock,
     requested_keys,
 )
 
@@ -387,3 +388,42 @@ def test_a_session_authorises_only_what_it_was_offered_for(
         else:
             assert not record.spent and record.device_id == device_id
             assert credentials or record.keys_fingerprint == fingerprint
+
+
+# --- Which decisions need the lock ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("action", "auth_sent", "needed"),
+    [
+        (Action.NOTHING, False, False),
+        (Action.NOTHING, True, False),
+        (Action.REFUSE, True, False),
+        (Action.REQUIRE_UIA, False, False),
+        (Action.REQUIRE_UIA, True, True),
+        (Action.UPLOAD, False, True),
+        (Action.UPLOAD, True, True),
+        (Action.DELEGATE, False, True),
+    ],
+)
+def test_only_a_decision_that_may_write_needs_the_lock(
+    action: Action, auth_sent: bool, needed: bool
+) -> None:
+    assert needs_lock(Decision(Rule.UIA, action), auth_sent) is needed
+
+
+@given(toggles, all_facts, st.booleans())
+def test_a_decision_made_without_the_lock_never_writes(
+    t: Toggles, f: Facts, auth_sent: bool
+) -> None:
+    """What is carried out without the lock writes nothing: no change, a refusal, or a
+    challenge to a request that sent no `auth`."""
+    decision = decide(t, f)
+    if not needs_lock(decision, auth_sent):
+        assert (
+            not changed_keys(f.requested, f.stored)
+            or decision.action is Action.REFUSE
+            or (decision.action is Action.REQUIRE_UIA and not auth_sent)
+        )
+    if decision.action is Action.UPLOAD:
+        assert needs_lock(decision, auth_sent)
