@@ -75,10 +75,11 @@ class ReplacementWindowAdmin:
         except InvalidUserId as e:
             raise SynapseError(HTTPStatus.BAD_REQUEST, str(e), Codes.INVALID_PARAM) from e
         if not self._synapse.is_mine(user_id):
+            # As Synapse answers, and documents: no such user here.
             raise SynapseError(
-                HTTPStatus.BAD_REQUEST,
-                "Only local users can be granted a cross-signing replacement window",
-                Codes.INVALID_PARAM,
+                HTTPStatus.NOT_FOUND,
+                f"User not found: {user_id} is not a user of this homeserver",
+                Codes.NOT_FOUND,
             )
         return admin.user_id, user_id
 

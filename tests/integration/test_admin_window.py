@@ -373,11 +373,18 @@ def test_user_without_keys(admin: User, user: User, method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_remote_user(admin: User, method: str) -> None:
+def test_remote_user_is_not_found(admin: User, method: str) -> None:
     error = assert_error(
-        admin.request(method, window_path("@someone:example.org"), {}), 400, "M_INVALID_PARAM"
+        admin.request(method, window_path("@someone:example.org"), {}), 404, "M_NOT_FOUND"
     )
-    assert "local" in error
+    assert "not a user of this homeserver" in error
+
+
+def test_remote_user_is_not_found_as_in_native_synapse(synapse_server: ServerFactory) -> None:
+    """Tools written against Synapse's documentation see the same answer."""
+    native = synapse_server(with_module=False, extra_config={"ui_auth": {"session_timeout": 0}})
+    admin = register_user(native.base_url, native.shared_secret, admin=True)
+    assert_error(admin.request("POST", window_path("@someone:example.org"), {}), 404, "M_NOT_FOUND")
 
 
 @pytest.mark.parametrize("method", METHODS)
