@@ -14,9 +14,12 @@ Synapse cleanly. The module's decisions are logged:
 
     grep "cross-signing upload decision" .local/synapse/homeserver.log
 
-`homeserver.yaml` is written afresh at each start (keeping its secrets); to try other
-module options, put the module's `config:` block in a YAML file and pass
-`--module-config FILE`.
+`homeserver.yaml` is generated on the first start and then left as you edit it: a later
+start changes only what this tool owns, the client listener's port (`--port`), the metrics
+listener's port (`--metrics-port`) and, with `--module-config FILE` (a YAML file holding the
+module's `config:` block), the module's configuration; it rewrites the file only when one of
+them changes. Synapse's metrics (docs/metrics.md) are served on
+http://127.0.0.1:9000/_synapse/metrics (`--metrics-port 0`: none).
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ SYNAPSE_REQUIREMENT = "matrix-synapse==1.163.2"
 EXTRA_REQUIREMENTS = ("requests>=2.25",)
 STAMP = SYNAPSE_VENV / ".xsign-installed"
 ADMIN_LOCALPART = "admin"
-# Kept across restarts, so that the server's secrets stay those written at the first start.
-KEPT_SECRETS = ("registration_shared_secret", "macaroon_secret_key", "form_secret")
 REEXEC_MARK = "XSIGN_RUN_SYNAPSE_REEXEC"
+# The entry point named under `modules:` in homeserver.yaml.
+MODULE = "synapse_xsign_uia.CrossSigningUIAModule"
 
 
 def say(message: str) -> None:
@@ -122,6 +125,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"delete {rel(LOCAL_DIR)} first: new database, new admin user",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9000,
+        help="port on 127.0.0.1 of the metrics listener (default: 9000; 0: no metrics)",
+    )
+    parser.add_argument(
         "--module-config",
         type=Path,
         metavar="FILE",
@@ -148,21 +157,43 @@ def on_signal(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def saved_secrets() -> dict[str, Any]:
-    import yaml
-
-    config_path = LOCAL_DIR / "homeserver.yaml"
-    if not config_path.exists():
-        return {}
-    config = yaml.safe_load(config_path.read_text()) or {}
-    return {key: config[key] for key in KEPT_SECRETS if key in config}
+def _metrics_listener(port: int) -> dict[str, Any]:
+    return {"type": "metrics", "port": port, "bind_addresses": ["127.0.0.1"]}
 
 
-def load_module_config(path: Path | None) -> dict[str, Any]:
+def owned_settings(
+    config: dict[str, Any], port: int, metrics_port: int, module_config: dict[str, Any] | None
+) -> bool:
+    """Set what this tool owns in `config` (the listeners' ports, and the module's `config:`
+    block when one was given); whether anything changed."""
+    before = repr(config)
+    listeners = [
+        listener
+        for listener in config.get("listeners") or []
+        if not (listener.get("type") == "metrics" and metrics_port == 0)
+    ]
+    for listener in listeners:
+        if listener.get("type") == "metrics":
+            listener["port"] = metrics_port
+        elif any("client" in r.get("names", []) for r in listener.get("resources") or []):
+            listener["port"] = port
+    if metrics_port and not any(listener.get("type") == "metrics" for listener in listeners):
+        listeners.append(_metrics_listener(metrics_port))
+    config["listeners"] = listeners
+    config["enable_metrics"] = bool(metrics_port) or bool(config.get("enable_metrics"))
+    config["public_baseurl"] = f"http://127.0.0.1:{port}/"
+    if module_config is not None:
+        for entry in config.get("modules") or []:
+            if entry.get("module") == MODULE:
+                entry["config"] = module_config
+    return repr(config) != before
+
+
+def load_module_config(path: Path | None) -> dict[str, Any] | None:
     import yaml
 
     if path is None:
-        return {}
+        return None
     config = yaml.safe_load(path.read_text())
     if config is None:
         return {}
@@ -244,20 +275,42 @@ def run(args: argparse.Namespace) -> int:
             "Stop it, or choose another port with --port."
         )
 
+    if args.metrics_port and not port_is_free(args.metrics_port):
+        sys.exit(
+            f"127.0.0.1:{args.metrics_port} is in use. Choose another port for the metrics "
+            "listener with --metrics-port, or --metrics-port 0 for none."
+        )
+
+    class LocalSynapse(SynapseServer):
+        """The test harness's server, with a configuration generated once and then kept."""
+
+        def write_config(self) -> Path:
+            import yaml
+
+            path = self.directory / "homeserver.yaml"
+            if path.exists():
+                self.config = yaml.safe_load(path.read_text()) or {}
+                self.server_name = str(self.config.get("server_name", self.server_name))
+            else:
+                super().write_config()
+            changed = owned_settings(self.config, args.port, args.metrics_port, module_config)
+            if changed or not path.exists():
+                if path.exists():
+                    say(f"Updating the port or module settings in {rel(path)}")
+                path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+            return path
+
     fresh = not (LOCAL_DIR / "homeserver.db").exists()
     LOCAL_DIR.mkdir(parents=True, exist_ok=True)
-    server = SynapseServer(
-        module_config,
-        extra_config=saved_secrets(),
-        name="local",
-        directory=LOCAL_DIR,
-        port=args.port,
-    )
+    server = LocalSynapse(module_config or {}, name="local", directory=LOCAL_DIR, port=args.port)
     synapse_version = version("matrix-synapse")
     say(
         f"Starting Synapse {synapse_version} with the module "
         f"({'new' if fresh else 'existing'} homeserver in {rel(LOCAL_DIR)})"
     )
+    # Synapse reports the git commit of the directory its code is in, which lies inside this
+    # checkout (`.venv/`): it is not Synapse's own.
+    os.environ["GIT_CEILING_DIRECTORIES"] = str(SYNAPSE_VENV.parent)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     status = 0
@@ -273,8 +326,13 @@ def run(args: argparse.Namespace) -> int:
             f"  Admin user:    {credentials['user_id']}\n"
             f"  Password:      {credentials['password']}\n"
             f"  Access token:  {credentials['access_token']}\n"
-            f"  Config:        {config_path}\n"
-            f"  Log:           {server.log_path}\n"
+            f"  Config:        {config_path} (your edits are kept)\n"
+            + (
+                f"  Metrics:       http://127.0.0.1:{args.metrics_port}/_synapse/metrics\n"
+                if args.metrics_port
+                else ""
+            )
+            + f"  Log:           {server.log_path}\n"
             f"  Credentials:   {CREDENTIALS}\n"
             "\n"
             "Watch the module's decisions:\n"

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import venv
@@ -108,6 +110,40 @@ def ensure_tox() -> Path:
     return python
 
 
+def _node_major() -> int:
+    node = shutil.which("node")
+    if node is None:
+        return 0
+    try:
+        version = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    major = version.strip().lstrip("v").split(".")[0]
+    return int(major) if major.isdigit() else 0
+
+
+def skipped_suites() -> list[str]:
+    """The tests that skip themselves on this machine, and what they need: the same checks
+    as the tests make (tests/harness/workers.py, tests/integration/test_real_client.py)."""
+    skipped = []
+    has_postgres = shutil.which("initdb") is not None or bool(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb")
+    )
+    if not (has_postgres and shutil.which("redis-server")):
+        skipped.append(
+            "the worker tests need the PostgreSQL and Redis servers "
+            "(`apt-get install postgresql redis-server`)"
+        )
+    if _node_major() < 20 or shutil.which("npm") is None:
+        skipped.append(
+            "the real-client test needs Node.js 20 or later and npm "
+            "(https://nodejs.org, or your distribution's packages)"
+        )
+    return skipped
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         split = argv.index("--")
@@ -165,6 +201,9 @@ def main(argv: list[str]) -> int:
         say(f"All passed: {', '.join(envs)}")
     else:
         say(f"FAILED (tox exited with {returncode}); see the summary above")
+    if any(env.startswith("synapse-") for env in envs):
+        for line in skipped_suites():
+            say(f"Skipped on this machine: {line}")
     return returncode
 
 

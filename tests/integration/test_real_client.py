@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -68,9 +67,9 @@ def node_major(node: str) -> int | None:
 
 @contextlib.contextmanager
 def install_lock() -> Iterator[None]:
-    """Serialises `npm ci` between test runs sharing this checkout (tox run in parallel)."""
-    digest = hashlib.sha256(str(JS_DIR).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"xsign-npm-ci-{digest}.lock"
+    """Serialises `npm ci` between test runs sharing this checkout (tox run in parallel).
+    The lock file stays in the checkout (ignored by git), not in the machine's temp dir."""
+    path = JS_DIR / ".npm-ci.lock"
     with path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
