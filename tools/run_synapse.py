@@ -309,8 +309,8 @@ def run(args: argparse.Namespace) -> int:
         f"({'new' if fresh else 'existing'} homeserver in {rel(LOCAL_DIR)})"
     )
     # Synapse reports the git commit of the directory its code is in, which lies inside this
-    # checkout (`.venv/`): it is not Synapse's own.
-    os.environ["GIT_CEILING_DIRECTORIES"] = str(SYNAPSE_VENV.parent)
+    # checkout (`.venv/`): it is not Synapse's own, so git must not look up into the checkout.
+    os.environ["GIT_CEILING_DIRECTORIES"] = str(ROOT)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     status = 0
