@@ -21,7 +21,7 @@ from synapse_xsign_uia._synapse.device_list_state import (
     remote_server_txn,
     remote_user_txn,
 )
-from synapse_xsign_uia._synapse.reactor import run_in_background
+from synapse_xsign_uia._synapse.reactor import run_in_background, sleep
 from synapse_xsign_uia._synapse.support import require_attribute, resolve
 
 if TYPE_CHECKING:
@@ -38,6 +38,11 @@ REQUIRED_RESYNC_ATTRIBUTES = (
     "HomeServer.config.federation.federation_domain_whitelist",
 )
 
+
+# How often, and how long apart, a worker reads the backoff record that another process
+# writes after a failed fetch (a failure that leaves none is an error answer from the remote).
+_BACKOFF_READS = 6
+_BACKOFF_READ_INTERVAL_S = 0.1
 
 # What a client learns of a failure inside this homeserver; the log has the rest.
 INTERNAL_ERROR = "an error in this homeserver (its log has the details)"
@@ -240,6 +245,13 @@ class DeviceLists:
         if result is not None and result.get(user_id) is not None:
             return None
         backoff = await self._backoff(destination)
+        reads = 1
+        while observed is None and backoff is None and reads < _BACKOFF_READS:
+            # The failure happened in the process that fetches device lists, which records
+            # its backoff from the destination in the background, moments after it answers.
+            await sleep(self._hs.get_reactor(), _BACKOFF_READ_INTERVAL_S)
+            backoff = await self._backoff(destination)
+            reads += 1
         if observed is not None:
             failure = classify_fetch_error(observed)
         else:

@@ -10,13 +10,12 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from synapse.module_api import DirectServeJsonResource, make_deferred_yieldable
-from twisted.internet import defer
+from synapse.module_api import DirectServeJsonResource
 
 from synapse_xsign_uia._synapse.device_lists import DeviceLists
 from synapse_xsign_uia._synapse.keys import CrossSigningKeys
 from synapse_xsign_uia._synapse.notices import ServerNotices
-from synapse_xsign_uia._synapse.reactor import run_in_background
+from synapse_xsign_uia._synapse.reactor import run_in_background, sleep
 from synapse_xsign_uia._synapse.requests import Requests
 from synapse_xsign_uia._synapse.servlets import (
     AdminRoute,
@@ -191,9 +190,7 @@ class Synapse:
         return reactor.callLater(delay_s, callback, *args)
 
     async def sleep(self, seconds: float) -> None:
-        waited: defer.Deferred[None] = defer.Deferred()
-        self.call_later(seconds, waited.callback, None)
-        await make_deferred_yieldable(waited)
+        await sleep(self._hs.get_reactor(), seconds)
 
     def stop(self) -> None:
         """Stop the homeserver."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from synapse.module_api import make_deferred_yieldable
+from twisted.internet import defer
+
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
 
@@ -21,3 +24,11 @@ def run_in_background(
     from synapse.module_api import run_as_background_process as run
 
     run(desc, func, *args)
+
+
+async def sleep(reactor: Any, seconds: float) -> None:
+    """Wait `seconds` on the reactor, in the caller's logcontext. Synapse's own
+    `Clock.sleep` changed its signature between the supported releases."""
+    waited: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, waited.callback, None)
+    await make_deferred_yieldable(waited)
