@@ -141,6 +141,7 @@ class SynapseServer:
         name: str = "synapse",
         directory: Path | None = None,
         port: int | None = None,
+        python: str | Path | None = None,
     ) -> None:
         self.with_module = with_module
         self.module_config = module_config or {}
@@ -154,6 +155,9 @@ class SynapseServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config: dict[str, Any] = {}
         self.process: subprocess.Popen[bytes] | None = None
+        # The interpreter whose environment holds Synapse (and the module): the tests' own,
+        # or another virtual environment's (the packaging checks install the built wheel).
+        self.python = str(python or sys.executable)
 
     @property
     def log_path(self) -> Path:
@@ -181,7 +185,7 @@ class SynapseServer:
         config_path = self.write_config()
         self._stdout = (self.directory / "stdout.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(config_path)],
+            [self.python, "-m", "synapse.app.homeserver", "-c", str(config_path)],
             cwd=self.directory,
             stdout=self._stdout,
             stderr=subprocess.STDOUT,
