@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -133,6 +134,11 @@ class Venv:
             cwd=self.directory,
         ).strip()
 
+    def remove(self) -> None:
+        """Free the space (over 200 MB with Synapse); a failed test keeps its environment
+        for inspection, in pytest's temporary directory."""
+        shutil.rmtree(self.directory)
+
     def module_origin(self) -> Path:
         """Where the module is imported from (found without importing Synapse)."""
         return Path(
@@ -250,6 +256,7 @@ def test_the_wheel_loads_in_the_newest_supported_synapse(
         assert _wait_for_log(server, "synapse_xsign_uia self-check passed")
     finally:
         server.stop()
+    venv.remove()
 
 
 @pytest.mark.usefixtures("clean_environment")
@@ -274,3 +281,4 @@ def test_the_wheel_leaves_an_unsupported_synapse_alone_and_refuses_to_start(
         assert expected in output, output
     finally:
         server.stop()
+    venv.remove()
