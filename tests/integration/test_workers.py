@@ -13,6 +13,7 @@ import pytest
 import requests
 import synapse
 
+import synapse_xsign_uia
 from synapse_xsign_uia._synapse import parse_version
 from tests.harness.client import UPLOAD_PATH, CrossSigningKeys, User, register_user
 from tests.harness.workers import WorkerDeployment
@@ -37,7 +38,8 @@ def upload_url(deployment: WorkerDeployment) -> str:
 
 def test_module_loads_in_every_process(deployment: WorkerDeployment) -> None:
     for process in (deployment.main, deployment.worker):
-        assert process.log_lines("synapse_xsign_uia 0.1.0 loaded (with workers)"), process.name
+        loaded = f"synapse_xsign_uia {synapse_xsign_uia.__version__} loaded (with workers)"
+        assert process.log_lines(loaded), process.name
         assert process.log_lines("synapse_xsign_uia self-check passed"), process.name
 
 
