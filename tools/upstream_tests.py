@@ -10,9 +10,10 @@ test modules with Twisted's trial, each run in a process of its own:
 1. without the module: every test must pass (or be skipped by Synapse itself);
 2. with the module, loaded as `homeserver.yaml` would load it (`modules:`, default
    configuration) into every homeserver the tests build: every test must pass, except those
-   listed in `tests/upstream/deviations.txt`, where the module documents a different answer.
-   A listed test is run as trial's "todo": it must fail, and a listed test that passes
-   fails the run, so the list stays true.
+   listed in `tests/upstream/deviations.txt`, where the module documents a different answer,
+   and in `tests/upstream/known_bugs.txt`, bugs of the module not fixed yet. A listed test
+   is run as trial's "todo": it must fail, and a listed test that passes fails the run, so
+   the lists stay true.
 
     python tools/upstream_tests.py                        # both runs, the default selection
     python tools/upstream_tests.py --mode with tests.rest.client.test_keys
@@ -68,9 +69,15 @@ TEST_MODULES = (
     "tests.federation.test_federation_devices",
     "tests.federation.test_federation_sender",
     "tests.storage.test_end_to_end_keys",
+    # Start-up, and shutting a homeserver down so that it can be garbage-collected.
+    "tests.app",
 )
 
+# Tests that fail with the module: where it documents a different answer, and its bugs not
+# fixed yet.
 DEVIATIONS = ROOT / "tests" / "upstream" / "deviations.txt"
+KNOWN_BUGS = ROOT / "tests" / "upstream" / "known_bugs.txt"
+LISTS = (DEVIATIONS, KNOWN_BUGS)
 MODULE = "synapse_xsign_uia.CrossSigningUIAModule"
 
 WITHOUT, WITH = "without", "with"
@@ -158,13 +165,26 @@ def unpack_tests(sdist: Path, workdir: Path) -> None:
         raise SystemExit(f"{sdist} has no tests/unittest.py")
 
 
-# --- The deviation list ---------------------------------------------------------------------
+# --- The lists of tests expected to fail with the module ------------------------------------
 
 
-def read_deviations(path: Path = DEVIATIONS) -> dict[str, str]:
-    """Test ID -> the module's documented behaviour that makes it fail. One a line: the ID,
-    whitespace, the reason; lines starting with `#` are comments."""
-    deviations: dict[str, str] = {}
+@dataclass(frozen=True)
+class Listed:
+    """A test expected to fail with the module, the list that says so, and why."""
+
+    test_id: str
+    path: Path
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return "known module bug" if self.path == KNOWN_BUGS else "documented deviation"
+
+
+def read_list(path: Path) -> list[Listed]:
+    """One test a line: the trial test ID, whitespace, the reason; lines starting with `#`
+    are comments."""
+    listed = []
     for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -172,10 +192,18 @@ def read_deviations(path: Path = DEVIATIONS) -> dict[str, str]:
         test_id, *reason = line.split(None, 1)
         if not reason:
             raise SystemExit(f"{path}:{number}: {test_id} has no reason")
-        if test_id in deviations:
-            raise SystemExit(f"{path}:{number}: {test_id} is listed twice")
-        deviations[test_id] = reason[0]
-    return deviations
+        listed.append(Listed(test_id, path, reason[0]))
+    return listed
+
+
+def read_lists(paths: Sequence[Path] = LISTS) -> dict[str, Listed]:
+    expected: dict[str, Listed] = {}
+    for path in paths:
+        for entry in read_list(path):
+            if entry.test_id in expected:
+                raise SystemExit(f"{entry.test_id} is listed twice ({path.name})")
+            expected[entry.test_id] = entry
+    return expected
 
 
 def selected(test_id: str, names: Sequence[str]) -> bool:
@@ -253,14 +281,16 @@ def run_child(mode: str, names: Sequence[str], results_path: Path) -> int:
     if Path(synapse.__file__).resolve().is_relative_to(Path.cwd().resolve()):
         raise SystemExit(f"synapse is imported from {synapse.__file__}, not the installed one")
 
-    from twisted.python.failure import Failure
     from twisted.trial import reporter, runner
 
+    # Trial's reporters have no type hints.
+    tree_reporter: Any = reporter.TreeReporter
+
     record = load_module_into_every_homeserver() if mode == WITH else None
-    deviations = read_deviations() if mode == WITH else {}
+    expected = read_lists() if mode == WITH else {}
     outcomes: dict[str, str] = {}
 
-    class Recorder(reporter.TreeReporter):
+    class Recorder(tree_reporter):  # type: ignore[misc]
         """Trial's usual reporter, which also records each test's outcome, and fails a test
         whose homeserver was built without the module, or where its self-check failed."""
 
@@ -301,14 +331,23 @@ def run_child(mode: str, names: Sequence[str], results_path: Path) -> int:
                     problem = f"the module's self-check failed: {record.self_check_failures}"
                 record.self_check_failures.clear()
             if problem is not None and outcomes.get(test.id()) in (PASS, EXPECTED_FAILURE):
-                self.addError(test, Failure(AssertionError(problem)))
+                try:
+                    raise AssertionError(problem)
+                except AssertionError:
+                    self.addError(test, sys.exc_info())
             super().stopTest(test)
 
     suite = runner.TestLoader().loadByNames(list(names), recurse=True)
     for test in iterate_tests(suite):
-        reason = deviations.get(test.id())
-        if reason is not None:
-            test.todo = f"documented deviation: {reason}"
+        entry = expected.get(test.id())
+        if entry is None:
+            continue
+        if hasattr(test, "getTodo"):
+            # Trial's test cases: a failure is expected, with the reason shown.
+            test.todo = f"{entry.kind}: {entry.reason}"
+        else:
+            # The standard library's, which trial runs too: `unittest.expectedFailure`.
+            setattr(test, "__unittest_expecting_failure__", True)  # noqa: B010
     trial = runner.TrialRunner(Recorder, workingDirectory=f"_trial_temp_{mode}")
     trial.run(suite)
     results_path.write_text(json.dumps(outcomes, indent=1, sort_keys=True), encoding="utf-8")
@@ -347,33 +386,37 @@ def judge(
     outcomes: dict[str, str],
     seconds: float,
     names: Sequence[str],
-    deviations: dict[str, str],
+    expected: dict[str, Listed],
 ) -> Verdict:
     verdict = Verdict(mode, outcomes, seconds)
+    lists = " or ".join(path.name for path in LISTS)
     for test_id, outcome in sorted(outcomes.items()):
         if outcome in (FAIL, ERROR):
             if mode == WITHOUT:
                 verdict.problems.append(f"{test_id}: fails without the module")
             else:
                 verdict.problems.append(
-                    f"{test_id}: fails with the module and is not listed in {DEVIATIONS.name}"
+                    f"{test_id}: fails with the module and is not listed in {lists}"
                 )
         elif outcome == UNEXPECTED_SUCCESS:
             verdict.problems.append(
-                f"{test_id}: listed in {DEVIATIONS.name} but passes: remove it from the list"
+                f"{test_id}: listed in {expected[test_id].path.name} but passes: "
+                "remove it from the list"
             )
     if mode == WITH:
-        for test_id in sorted(deviations):
+        for test_id, entry in sorted(expected.items()):
             if selected(test_id, names) and test_id not in outcomes:
                 verdict.problems.append(
-                    f"{test_id}: listed in {DEVIATIONS.name} but did not run (renamed?)"
+                    f"{test_id}: listed in {entry.path.name} but did not run (renamed?)"
                 )
     if not outcomes:
         verdict.problems.append("no test ran")
     return verdict
 
 
-def run_mode(mode: str, workdir: Path, names: Sequence[str], deviations: dict[str, str]) -> Verdict:
+def run_mode(
+    mode: str, workdir: Path, names: Sequence[str], expected: dict[str, Listed]
+) -> Verdict:
     results = workdir / f"results-{mode}.json"
     results.unlink(missing_ok=True)
     say(f"Synapse's tests {mode} the module: {' '.join(names)}")
@@ -387,7 +430,7 @@ def run_mode(mode: str, workdir: Path, names: Sequence[str], deviations: dict[st
         verdict.problems.append(f"the run did not finish (exit status {returncode})")
         return verdict
     outcomes = json.loads(results.read_text(encoding="utf-8"))
-    return judge(mode, outcomes, seconds, names, deviations)
+    return judge(mode, outcomes, seconds, names, expected)
 
 
 def installed_synapse() -> str:
@@ -439,12 +482,16 @@ def main(argv: list[str]) -> int:
     sdist = fetch_sdist(cache)
     workdir = cache / f"synapse-{SYNAPSE_VERSION}"
     unpack_tests(sdist, workdir)
-    deviations = read_deviations()
+    expected = read_lists()
 
     modes = MODES if args.mode == "both" else (args.mode,)
-    verdicts = [run_mode(mode, workdir, names, deviations) for mode in modes]
+    verdicts = [run_mode(mode, workdir, names, expected) for mode in modes]
 
-    say(f"Synapse {SYNAPSE_VERSION}'s own tests ({len(deviations)} documented deviations)")
+    listed = ", ".join(
+        f"{sum(1 for entry in expected.values() if entry.path == path)} in {path.name}"
+        for path in LISTS
+    )
+    say(f"Synapse {SYNAPSE_VERSION}'s own tests (expected to fail with the module: {listed})")
     for verdict in verdicts:
         say(verdict.summary())
         for problem in verdict.problems:
