@@ -10,10 +10,11 @@ check (see `tox.ini`) under `.tox/`:
     synapse-oldest    the tests against the oldest supported Synapse
     synapse-latest    the tests against the newest supported Synapse
     packaging         build the sdist and wheel, twine check, install the wheel beside Synapse
+    synapse-upstream  Synapse's own tests, without and with the module (newest Synapse)
 
 Every environment runs even if an earlier one fails; the exit status is tox's, non-zero if
-any of them failed. Arguments this script does not know go to pytest in the two Synapse
-environments, as do all arguments after `--`:
+any of them failed. Arguments this script does not know go to pytest in synapse-oldest and
+synapse-latest, as do all arguments after `--`:
 
     python3 tools/run_tests.py -k admin -x
     python3 tools/run_tests.py --envs synapse-latest -- tests/unit
@@ -38,7 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS_VENV = ROOT / ".venv" / "tools"
 TOX_REQUIREMENT = "tox>=4,<5"
 TOX_MAJOR = "4"
-ALL_ENVS = ("check_codestyle", "check_types", "synapse-oldest", "synapse-latest", "packaging")
+ALL_ENVS = (
+    "check_codestyle",
+    "check_types",
+    "synapse-oldest",
+    "synapse-latest",
+    "packaging",
+    "synapse-upstream",
+)
 ENVS_VARIABLE = "XSIGN_TEST_ENVS"
 
 
