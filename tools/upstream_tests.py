@@ -3,9 +3,10 @@
 module loaded into every homeserver they build: `tox run -e synapse-upstream`.
 
 Synapse's source distribution on PyPI ships its `tests/` package. This script fetches it for
-the installed Synapse release, unpacks only `tests/` (Synapse's own `synapse/` source beside
-it would shadow the installed package and its compiled Rust extension), and runs the selected
-test modules with Twisted's trial, each run in a process of its own:
+Synapse 1.163.2, which must be the installed release, unpacks only `tests/` (Synapse's own
+`synapse/` source beside it would shadow the installed package and its compiled Rust
+extension), and runs the selected test modules with Twisted's trial, each run in a process
+of its own:
 
 1. without the module: every test must pass (or be skipped by Synapse itself);
 2. with the module, loaded as `homeserver.yaml` would load it (`modules:`, default
@@ -20,7 +21,7 @@ test modules with Twisted's trial, each run in a process of its own:
     python tools/upstream_tests.py --cache /tmp/upstream  # where the sdist is kept
 
 The exit status is non-zero when a run fails: a test fails without the module, a test outside
-the list fails with it, a listed test passes or did not run, or a run did not finish.
+the lists fails with it, a listed test passes or did not run, or a run did not finish.
 
 The sdist is fetched with the package index's JSON API (PEP 691), the protocol pip itself
 uses, and checked against the hash pinned below: `pip download --no-binary` cannot fetch it,
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import Iterator, Sequence
@@ -55,8 +57,8 @@ SDIST_SHA256 = "4583f1cb8ae6e257c67b752148c3f5ec16ccf7d6cc5d8375d88a14ac20f8effe
 DEFAULT_INDEX = "https://pypi.org/simple"
 
 # Synapse's test modules that exercise what the module replaces or hooks into: the upload
-# servlet and UIA, the admin window, delegated auth (MAS and MSC3861), and the device lists
-# whose fetches the module observes.
+# servlet and UIA, the admin window, delegated auth (MAS), and the device lists whose fetches
+# the module observes.
 TEST_MODULES = (
     "tests.rest.client.test_keys",
     "tests.handlers.test_e2e_keys",
@@ -96,8 +98,9 @@ def say(message: str) -> None:
 
 def sdist_url(index: str) -> str:
     """The download URL of the sdist, from the index's JSON API, checked against the pin."""
+    listing_url = f"{index.rstrip('/')}/matrix-synapse/"
     request = urllib.request.Request(
-        f"{index.rstrip('/')}/matrix-synapse/",
+        listing_url,
         headers={"Accept": "application/vnd.pypi.simple.v1+json"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -109,7 +112,7 @@ def sdist_url(index: str) -> str:
                 raise SystemExit(
                     f"{index} publishes {SDIST} with sha256 {published}, not {SDIST_SHA256}"
                 )
-            return str(entry["url"])
+            return urllib.parse.urljoin(listing_url, str(entry["url"]))
     raise SystemExit(f"{index} has no {SDIST}")
 
 
