@@ -21,6 +21,7 @@ from synapse_xsign_uia._synapse.servlets import (
     AdminRoute,
     Handler,
     NativeServlet,
+    Replacement,
     add_admin_route,
     replace_servlet,
 )
@@ -113,8 +114,8 @@ class Synapse:
         servlet: NativeServlet,
         handlers: Mapping[str, Handler],
         patterns: Sequence[re.Pattern[str]] | None = None,
-    ) -> type:
-        return replace_servlet(servlet, handlers, patterns)
+    ) -> Replacement:
+        return replace_servlet(self._hs, servlet, handlers, patterns)
 
     def serves(self, servlet: NativeServlet) -> bool:
         """Whether Synapse builds `servlet` in this process, by its configuration."""
@@ -135,7 +136,7 @@ class Synapse:
         it in Synapse's request metrics. `route.registrations` counts the listeners that
         serve it, for the start-up self-check."""
         route = AdminRoute(name, pattern, handlers)
-        add_admin_route(route)
+        add_admin_route(self._hs, route)
         return route
 
     def serve_json(

@@ -50,12 +50,41 @@ def native_class(servlet: NativeServlet) -> Any:
     return getattr(found, "native_class", found)
 
 
-def _method(native: Any, name: str, handler: Handler) -> Callable[..., Awaitable[Answer]]:
+# The module's state on one homeserver is kept on the homeserver object itself, so that it
+# lives and dies with it: the classes and functions installed in Synapse's modules are
+# process-wide, and a reference from them would keep a shut-down homeserver alive (Synapse
+# can shut a homeserver down and build another in the same process).
+_ON_HS = "_synapse_xsign_uia_servlets"
+
+
+class Replacement:
+    """The module's handlers of one native servlet on one homeserver, and how many servlets
+    Synapse built with them (for the start-up self-check)."""
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self.handlers = dict(handlers)
+        self.instances = 0
+
+
+def _replacements(hs: Any) -> dict[NativeServlet, Replacement]:
+    found: dict[NativeServlet, Replacement] | None = getattr(hs, _ON_HS, None)
+    if found is None:
+        found = {}
+        setattr(hs, _ON_HS, found)
+    return found
+
+
+def _method(native: Any, name: str) -> Callable[..., Awaitable[Answer]]:
     async def on_method(self: Any, request: SynapseRequest, **path_args: str) -> Answer:
         async def pass_on(passed: SynapseRequest) -> Answer:
             rewind(passed)
             return await getattr(native, name)(self, passed, **path_args)  # type: ignore[no-any-return]
 
+        replacement: Replacement | None = self.xsign_uia_replacement
+        handler = None if replacement is None else replacement.handlers.get(name)
+        if handler is None:
+            # A homeserver of this process that does not load the module.
+            return await getattr(native, name)(self, request, **path_args)  # type: ignore[no-any-return]
         return await handler(request, pass_on, **path_args)
 
     # What Synapse's own servlets do: an incomplete UIA is answered with its 401 challenge.
@@ -66,41 +95,48 @@ def _method(native: Any, name: str, handler: Handler) -> Callable[..., Awaitable
 
 
 def replace_servlet(
+    hs: Any,
     servlet: NativeServlet,
     handlers: Mapping[str, Handler],
     patterns: Sequence[re.Pattern[str]] | None = None,
-) -> type:
-    """Install a subclass of `servlet` whose `on_<METHOD>`s (the keys of `handlers`) call the
-    module's handlers, and return it.
+) -> Replacement:
+    """Have the servlets Synapse builds for `hs` from now on call the module's handlers for
+    the methods `handlers` names (`on_POST`, ...): a subclass of `servlet`, installed once
+    per process, finds them on the homeserver it is built for.
 
     The subclass keeps the native class name, so Synapse's per-servlet request metrics stay
-    continuous, and counts its instances, so that the start-up self-check can tell whether
-    Synapse built it.
+    continuous.
     """
+    replacement = Replacement(handlers)
+    _replacements(hs)[servlet] = replacement
+    module_name, _, attribute = servlet.value.partition(":")
+    module = importlib.import_module(module_name)
+    if getattr(getattr(module, attribute), "native_class", None) is not None:
+        return replacement
     native = native_class(servlet)
 
     def __init__(self: Any, hs: Any) -> None:
         native.__init__(self, hs)
-        type(self).instances += 1
+        found = _replacements(hs).get(servlet)
+        self.xsign_uia_replacement = found
+        if found is not None:
+            found.instances += 1
 
     namespace: dict[str, Any] = {
         "__init__": __init__,
         "__module__": __name__,
         "native_class": native,
-        "instances": 0,
-        **{name: _method(native, name, handler) for name, handler in handlers.items()},
+        **{name: _method(native, name) for name in handlers},
     }
     if patterns is not None:
         namespace["PATTERNS"] = list(patterns)
-    replacement = type(native.__name__, (native,), namespace)
-    module_name, _, attribute = servlet.value.partition(":")
-    setattr(importlib.import_module(module_name), attribute, replacement)
+    setattr(module, attribute, type(native.__name__, (native,), namespace))
     return replacement
 
 
-def was_built(replacement: type) -> bool:
-    """Whether Synapse instantiated `replacement` for one of its listeners."""
-    return int(getattr(replacement, "instances", 0)) > 0
+def was_built(replacement: Replacement) -> bool:
+    """Whether Synapse built the servlet with the module's handlers for a listener."""
+    return replacement.instances > 0
 
 
 # Synapse builds its admin API by calling this, on every supported release, with the admin
@@ -127,25 +163,30 @@ class AdminRoute:
         self.registrations += 1
 
 
-def add_admin_route(route: AdminRoute) -> None:
-    """Have Synapse serve `route` wherever it serves its admin API (the main process), by
-    wrapping the function with which it registers its admin servlets."""
+_ROUTES_ON_HS = "_synapse_xsign_uia_admin_routes"
+
+
+def add_admin_route(hs: Any, route: AdminRoute) -> None:
+    """Have Synapse serve `route` wherever it serves the admin API of `hs` (the main
+    process), by wrapping, once per process, the function with which it registers its admin
+    servlets."""
+    routes: list[AdminRoute] | None = getattr(hs, _ROUTES_ON_HS, None)
+    if routes is None:
+        routes = []
+        setattr(hs, _ROUTES_ON_HS, routes)
+    routes.append(route)
     module_name, _, attribute = ADMIN_REGISTER.partition(":")
     module = importlib.import_module(module_name)
-    current = getattr(module, attribute)
-    routes: list[AdminRoute] | None = getattr(current, "xsign_uia_routes", None)
-    if routes is None:
-        native = current
-        added: list[AdminRoute] = []
+    native = getattr(module, attribute)
+    if getattr(native, "xsign_uia_wrapped", False):
+        return
 
-        def register_servlets(hs: Any, http_server: Any) -> None:
-            native(hs, http_server)
-            # Synapse serves its admin API from the main process only.
-            if hs.config.worker.worker_app is None:
-                for added_route in added:
-                    added_route.register(http_server)
+    def register_servlets(hs: Any, http_server: Any) -> None:
+        native(hs, http_server)
+        # Synapse serves its admin API from the main process only.
+        if hs.config.worker.worker_app is None:
+            for added_route in getattr(hs, _ROUTES_ON_HS, ()):
+                added_route.register(http_server)
 
-        register_servlets.xsign_uia_routes = added  # type: ignore[attr-defined]
-        setattr(module, attribute, register_servlets)
-        routes = added
-    routes.append(route)
+    register_servlets.xsign_uia_wrapped = True  # type: ignore[attr-defined]
+    setattr(module, attribute, register_servlets)
