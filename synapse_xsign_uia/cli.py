@@ -418,20 +418,27 @@ def format_time(ts_ms: int, now_ms: int) -> str:
 
 
 def relative(delta_ms: int) -> str:
-    """`in 30 minutes`, `2 hours ago`, `now`."""
+    """`in 30 minutes`, `2 hours 5 minutes ago`, `now`."""
     seconds = abs(delta_ms) / 1000
+    minutes = round(seconds / 60)
     if seconds < 1:
-        return "now"
-    if seconds < 90:
-        count, unit = round(seconds), "second"
-    elif seconds < 90 * 60:
-        count, unit = round(seconds / 60), "minute"
-    elif seconds < 48 * 3600:
-        count, unit = round(seconds / 3600), "hour"
+        text = ""
+    elif seconds < 90:
+        text = _count(round(seconds), "second")
+    elif minutes < 60:
+        text = _count(minutes, "minute")
+    elif minutes < 48 * 60:
+        hours, minutes = divmod(minutes, 60)
+        text = _count(hours, "hour") + (f" {_count(minutes, 'minute')}" if minutes else "")
     else:
-        count, unit = round(seconds / 86400), "day"
-    text = f"{count} {unit}{'' if count == 1 else 's'}"
+        text = _count(round(seconds / 86400), "day")
+    if not text:
+        return "now"
     return f"in {text}" if delta_ms > 0 else f"{text} ago"
+
+
+def _count(count: int, unit: str) -> str:
+    return f"{count} {unit}{'' if count == 1 else 's'}"
 
 
 def format_window(action: str, user_id: str, answer: dict[str, Any], now_ms: int) -> str:
