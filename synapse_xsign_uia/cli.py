@@ -363,18 +363,18 @@ def send(call: Call, settings: Settings, log: Callable[[str], None]) -> dict[str
     opener = urllib.request.build_opener(_NoRedirects)
     started = time.monotonic()
     try:
-        with opener.open(request, timeout=settings.timeout) as response:
-            status, reason, raw = response.status, response.reason, response.read()
-    except urllib.error.HTTPError as e:
-        status, reason, raw = e.code, e.reason, e.read()
-        location = e.headers.get("Location")
-        e.close()
+        try:
+            response = opener.open(request, timeout=settings.timeout)
+        except urllib.error.HTTPError as e:
+            # An answer all the same, whose body says what went wrong.
+            response = e
+        with response:
+            status, reason = response.status, response.reason
+            location, raw = response.headers.get("Location"), response.read()
     except urllib.error.URLError as e:
         raise Unreachable(f"Cannot reach {settings.homeserver}: {_reason(e.reason)}") from e
     except (OSError, http.client.HTTPException) as e:
         raise Unreachable(f"Cannot reach {settings.homeserver}: {_reason(e)}") from e
-    else:
-        location = None
     log(f"< {status} {reason} ({time.monotonic() - started:.2f} s)")
     body = _json_object(raw)
     if 200 <= status < 300 and body is not None:
@@ -383,8 +383,9 @@ def send(call: Call, settings: Settings, log: Callable[[str], None]) -> dict[str
         raise MatrixError(status, body["errcode"], str(body.get("error", "")), body)
     if 300 <= status < 400:
         raise Unreachable(
-            f"{settings.homeserver} answered with a redirect ({status}) to {location}: give"
-            " that URL as the homeserver URL"
+            f"{settings.homeserver} answered with a redirect ({status}) to {location}, which"
+            " is not followed so that the access token goes only to the homeserver URL given:"
+            " give the URL the redirect leads to (https:// rather than http://, perhaps)"
         )
     raise Unreachable(
         f"{settings.homeserver} answered HTTP {status} {reason} without a Matrix answer to"
