@@ -563,10 +563,10 @@ def format_repair(answer: dict[str, Any], now_ms: int) -> str:
     server_name = answer.get("server_name")
     lists = "device list" if marked == 1 else "device lists"
     return (
-        f"Marked {marked} {lists} of the users of {server_name} stale: Synapse fetches them"
-        " again, every 30 seconds while it does not back off from the server. The repair is"
-        f" complete when stale users is 0 (`{PROG} device-lists server {server_name}`).\n\n"
-        + format_server_status(answer, now_ms)
+        f"Marked {marked} {lists} of the users of {server_name} stale. Synapse's retry loop"
+        " fetches them again (every 30 seconds, unless it backs off from the server); the"
+        " repair is complete when stale users is 0"
+        f" ({PROG} device-lists server {server_name}).\n\n" + format_server_status(answer, now_ms)
     )
 
 

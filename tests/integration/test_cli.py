@@ -418,7 +418,7 @@ def test_remote_device_lists(
     repaired = run(server, admin.access_token, "device-lists", "repair", remote.server_name)
     assert (repaired.status, repaired.err) == (0, "")
     assert repaired.out.startswith(
-        f"Marked 1 device list of the users of {remote.server_name} stale: "
+        f"Marked 1 device list of the users of {remote.server_name} stale. "
     )
     assert re.search(
         rf"  last repair:   \S+ \S+ UTC \([^)]+\) by {re.escape(admin.user_id)}, 1 marked stale\n",

@@ -484,7 +484,7 @@ def test_repair() -> None:
     answer = {**SERVER_STATUS, "stale_users": 3, "marked_stale": 3}
     text = cli.format_answer(parse("device-lists", "repair", "remote.example"), answer, NOW_MS)
     first, rest = text.split("\n\n")
-    assert first.startswith("Marked 3 device lists of the users of remote.example stale:")
+    assert first.startswith("Marked 3 device lists of the users of remote.example stale.")
     assert "synapse-xsign-uia device-lists server remote.example" in first
     assert rest == cli.format_server_status(answer, NOW_MS)
     one = cli.format_repair({**answer, "marked_stale": 1}, NOW_MS)
