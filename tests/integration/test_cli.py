@@ -276,9 +276,11 @@ def test_invalid_token(server: SynapseServer, user: User) -> None:
         assert result.err.splitlines()[-1].startswith("M_UNKNOWN_TOKEN: "), result.err
 
 
-def test_unknown_user(server: SynapseServer, admin: User) -> None:
+@pytest.mark.parametrize("user_id", ["@nobody-here:localhost", "@someone:example.org"])
+def test_unknown_user(server: SynapseServer, admin: User, user_id: str) -> None:
+    """A user this homeserver does not have, local or of another server."""
     for action in ("grant", "status", "revoke"):
-        result = run(server, admin.access_token, "window", action, "@nobody-here:localhost")
+        result = run(server, admin.access_token, "window", action, user_id)
         assert (result.status, result.out) == (cli.EXIT_MATRIX_ERROR, "")
         assert result.err.startswith("M_NOT_FOUND: "), result.err
 
