@@ -282,3 +282,25 @@ def test_the_wheel_leaves_an_unsupported_synapse_alone_and_refuses_to_start(
     finally:
         server.stop()
     venv.remove()
+
+
+def test_the_wheel_installs_the_command_line_tool(dist: tuple[Path, Path], tmp_path: Path) -> None:
+    """`synapse-xsign-uia` runs from the wheel alone, without Synapse or the module's
+    dependencies, as on an operator's machine away from the homeserver."""
+    _, wheel = dist
+    venv = Venv(tmp_path / "venv")
+    venv.pip_install("--no-deps", wheel)
+    tool = venv.directory / "bin" / "synapse-xsign-uia"
+    assert _run([tool, "--version"]).strip() == f"synapse-xsign-uia {VERSION}"
+    # Nothing listens on port 1: the tool gets as far as connecting, with exit status 3.
+    result = subprocess.run(
+        [tool, "--homeserver", "http://127.0.0.1:1", "window", "status", "@alice:example.org"],
+        env={**_clean_env(), "SYNAPSE_XSIGN_UIA_TOKEN": "not-a-real-token"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (3, ""), result.stderr
+    assert "Cannot reach http://127.0.0.1:1" in result.stderr
+    venv.remove()
