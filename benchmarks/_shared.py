@@ -7,11 +7,13 @@ import json
 import random
 import statistics
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import requests
 
 # Both sides get this, so that Synapse 1.98 answers a first upload without UIA as later
 # versions do (MSC3967; later versions ignore the key), and never skips UIA for a recent
@@ -20,6 +22,37 @@ SHARED_EXTRA_CONFIG: dict[str, Any] = {
     "experimental_features": {"msc3967_enabled": True},
     "ui_auth": {"session_timeout": 0},
 }
+
+
+# The logging set-up that Synapse generates for a new install (`DEFAULT_LOG_CONFIG` in
+# synapse/config/logger.py): INFO and below go through a memory buffer to the file.
+STOCK_LOG_CONFIG = """\
+version: 1
+formatters:
+  precise:
+    format: '%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s'
+handlers:
+  file:
+    class: logging.handlers.TimedRotatingFileHandler
+    formatter: precise
+    filename: {log_file}
+    when: midnight
+    backupCount: 3
+    encoding: utf8
+  buffer:
+    class: synapse.logging.handlers.PeriodicallyFlushingMemoryHandler
+    target: file
+    capacity: 10
+    flushLevel: 30
+    period: 5
+loggers:
+  synapse.storage.SQL:
+    level: INFO
+root:
+  level: INFO
+  handlers: [buffer]
+disable_existing_loggers: false
+"""
 
 
 @attrs.frozen
@@ -38,6 +71,17 @@ class Replacement:
     user_id: str
     password: str
     body: dict[str, Any]
+
+
+def timed_post(
+    session: requests.Session, url: str, token: str, body: bytes, timeout: float = 60
+) -> tuple[float, requests.Response]:
+    """POST a prepared body; the time of the whole exchange, the body read included."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    start = time.perf_counter()
+    response = session.post(url, data=body, headers=headers, timeout=timeout)
+    _ = response.content
+    return time.perf_counter() - start, response
 
 
 def encode(body: dict[str, Any]) -> bytes:

@@ -51,6 +51,7 @@ if __package__ in (None, ""):
 
 from benchmarks._shared import (
     SHARED_EXTRA_CONFIG,
+    STOCK_LOG_CONFIG,
     Prepared,
     Replacement,
     compare,
@@ -58,42 +59,13 @@ from benchmarks._shared import (
     password_auth,
     print_comparison,
     run_parallel,
+    timed_post,
 )
 from tests.harness.client import UPLOAD_PATH, CrossSigningKeys, register_user
 from tests.harness.server import SynapseServer
 
 PATHS = ("identical_reupload", "first_upload", "uia_challenge", "replacement")
 SERVERS = ("native", "module")
-
-# The logging set-up that Synapse generates for a new install (`DEFAULT_LOG_CONFIG` in
-# synapse/config/logger.py): INFO and below go through a memory buffer to the file.
-STOCK_LOG_CONFIG = """\
-version: 1
-formatters:
-  precise:
-    format: '%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s'
-handlers:
-  file:
-    class: logging.handlers.TimedRotatingFileHandler
-    formatter: precise
-    filename: {log_file}
-    when: midnight
-    backupCount: 3
-    encoding: utf8
-  buffer:
-    class: synapse.logging.handlers.PeriodicallyFlushingMemoryHandler
-    target: file
-    capacity: 10
-    flushLevel: 30
-    period: 5
-loggers:
-  synapse.storage.SQL:
-    level: INFO
-root:
-  level: INFO
-  handlers: [buffer]
-disable_existing_loggers: false
-"""
 
 
 def make_server(name: str, with_module: bool, unbuffered_log: bool) -> SynapseServer:
@@ -126,11 +98,7 @@ class Target:
         return f"{self.server.base_url}{UPLOAD_PATH}"
 
     def _post(self, token: str, body: bytes) -> tuple[float, requests.Response]:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        start = time.perf_counter()
-        response = self.session.post(self.url, data=body, headers=headers, timeout=60)
-        _ = response.content
-        return time.perf_counter() - start, response
+        return timed_post(self.session, self.url, token, body)
 
     def send(self, prepared: Prepared) -> tuple[float, int]:
         elapsed, response = self._post(prepared.token, prepared.body)

@@ -286,10 +286,6 @@ class SynapseProcess:
         ]
 
 
-def _log_config(directory: Path, name: str) -> Path:
-    return write_log_config(directory / f"{name}.log.yaml", directory / f"{name}.log")
-
-
 class WorkerDeployment:
     """PostgreSQL + Redis + Synapse main (client, admin and replication listeners) + `workers`
     generic workers, `worker1` to `workerN`, each with a client listener, a log file and a
@@ -298,6 +294,9 @@ class WorkerDeployment:
 
     With `pg_stat_statements` the cluster preloads that extension and the `synapse` database
     has it (see `pg_stat_statements_available`).
+
+    `log_config_template`, if given, is the logging configuration of every process instead of
+    the harness's, with `{log_file}` where the process's log file goes.
 
     `workers` lists the worker processes in order; `worker` is the first of them.
     """
@@ -310,6 +309,7 @@ class WorkerDeployment:
         *,
         with_module: bool = True,
         pg_stat_statements: bool = False,
+        log_config_template: str | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"a deployment needs at least one worker, not {workers}")
@@ -317,6 +317,7 @@ class WorkerDeployment:
         self.module_config = module_config or {}
         self.extra_config = extra_config or {}
         self.with_module = with_module
+        self.log_config_template = log_config_template
         self.postgres = PostgresCluster(self.directory, pg_stat_statements=pg_stat_statements)
         self.redis = RedisServer(self.directory)
         self.main_port = free_port()
@@ -355,9 +356,17 @@ class WorkerDeployment:
     def shared_secret(self) -> str:
         return str(self.config["registration_shared_secret"])
 
+    def _log_config(self, name: str) -> Path:
+        path = self.directory / f"{name}.log.yaml"
+        log_file = self.directory / f"{name}.log"
+        if self.log_config_template is None:
+            return write_log_config(path, log_file)
+        path.write_text(self.log_config_template.format(log_file=log_file))
+        return path
+
     def _write_configs(self) -> None:
         config = base_config(self.directory, self.main_port, "localhost")
-        config["log_config"] = str(_log_config(self.directory, "main"))
+        config["log_config"] = str(self._log_config("main"))
         config["listeners"].append(
             {
                 "port": self.replication_port,
@@ -403,7 +412,7 @@ class WorkerDeployment:
                                 "resources": [{"names": ["client"]}],
                             }
                         ],
-                        "worker_log_config": str(_log_config(self.directory, worker.name)),
+                        "worker_log_config": str(self._log_config(worker.name)),
                     }
                 )
             )
