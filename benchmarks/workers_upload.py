@@ -566,11 +566,13 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
     started = time.monotonic()
     run_parallel([functools.partial(prepare, name) for name in SIDES])
     print(f"   users prepared in {time.monotonic() - started:.0f}s")
+    load_before = os.getloadavg()
     legs = abba(
         sides,
         {name: split(prepared[name]) for name in SIDES},
         lambda side, half: storm_leg(side, half, args.storm_clients),
     )
+    print(f"   load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     figures = {name: leg_figures(legs[name], args.storm_users) for name in SIDES}
     header = (
         f"{'side':<8} {'uploads':>7} {'uploads/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
@@ -692,7 +694,9 @@ def run_race(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]
         first, second = split(users[name])
         # Each leg numbers its users from 0; the second half's answers are mapped back below.
         halves[name] = ([u.prepared for u in first], [u.prepared for u in second])
+    load_before = os.getloadavg()
     legs = abba(sides, halves, lambda side, half: race_leg(side, half, args.storm_clients))
+    print(f"   load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     # Writes made on the worker reach the main process's caches over replication.
     time.sleep(2)
     figures: dict[str, Any] = {}
@@ -942,6 +946,26 @@ def show_statements(figures: dict[str, Any], k: int) -> None:
 # Running it all.
 
 
+def source_commit(directory: Path) -> str:
+    """The commit the module's source is from, marked when it has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head} with uncommitted changes" if dirty else head
+
+
 @attrs.define
 class Run:
     sides: dict[str, Side]
@@ -977,7 +1001,7 @@ def parse_phases(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=200, help="timed latency rounds (200)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed latency rounds first (20)")
+    parser.add_argument("--warmup", type=int, default=40, help="untimed latency rounds first (40)")
     parser.add_argument(
         "--pause",
         type=float,
@@ -1038,9 +1062,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = args.synapse_label or f"Synapse {synapse_version}"
     module = importlib.import_module("synapse_xsign_uia")
     print(f"{label} (matrix-synapse {synapse_version}), Python {platform.python_version()}")
-    print(
-        f"module: synapse_xsign_uia {module.__version__} from {Path(module.__file__ or '').parent}"
-    )
+    module_dir = Path(module.__file__ or "").parent
+    commit = source_commit(module_dir)
+    print(f"module: synapse_xsign_uia {module.__version__} from {module_dir}, commit {commit}")
     print(
         f"phases {','.join(args.phases)}; {os.cpu_count()} CPUs, niceness {os.nice(0)}, "
         f"pg_stat_statements {'on' if 'dbwork' in args.phases else 'off'}"
@@ -1052,6 +1076,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "label": label,
         "date": datetime.date.today().isoformat(),
         "module_version": module.__version__,
+        "module_commit": commit,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "niceness": os.nice(0),
