@@ -34,13 +34,10 @@ import importlib
 import json
 import os
 import platform
-import random
-import statistics
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
@@ -52,49 +49,23 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable for the test harness.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._shared import (
+    SHARED_EXTRA_CONFIG,
+    STOCK_LOG_CONFIG,
+    Prepared,
+    Replacement,
+    compare,
+    encode,
+    password_auth,
+    print_comparison,
+    run_parallel,
+    timed_post,
+)
 from tests.harness.client import UPLOAD_PATH, CrossSigningKeys, register_user
 from tests.harness.server import SynapseServer
 
 PATHS = ("identical_reupload", "first_upload", "uia_challenge", "replacement")
 SERVERS = ("native", "module")
-
-# Both servers get this, so that Synapse 1.98 answers a first upload without UIA as later
-# versions do (MSC3967; later versions ignore the key), and never skips UIA for a recent
-# login (its grace period would let native Synapse 1.98 replace keys without a challenge).
-SHARED_EXTRA_CONFIG: dict[str, Any] = {
-    "experimental_features": {"msc3967_enabled": True},
-    "ui_auth": {"session_timeout": 0},
-}
-
-# The logging set-up that Synapse generates for a new install (`DEFAULT_LOG_CONFIG` in
-# synapse/config/logger.py): INFO and below go through a memory buffer to the file.
-STOCK_LOG_CONFIG = """\
-version: 1
-formatters:
-  precise:
-    format: '%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s'
-handlers:
-  file:
-    class: logging.handlers.TimedRotatingFileHandler
-    formatter: precise
-    filename: {log_file}
-    when: midnight
-    backupCount: 3
-    encoding: utf8
-  buffer:
-    class: synapse.logging.handlers.PeriodicallyFlushingMemoryHandler
-    target: file
-    capacity: 10
-    flushLevel: 30
-    period: 5
-loggers:
-  synapse.storage.SQL:
-    level: INFO
-root:
-  level: INFO
-  handlers: [buffer]
-disable_existing_loggers: false
-"""
 
 
 def make_server(name: str, with_module: bool, unbuffered_log: bool) -> SynapseServer:
@@ -106,24 +77,6 @@ def make_server(name: str, with_module: bool, unbuffered_log: bool) -> SynapseSe
         extra["log_config"] = str(log_config)
     server.extra_config = extra
     return server
-
-
-@attrs.frozen
-class Prepared:
-    """One request, serialised in advance: the timed region only sends it."""
-
-    token: str
-    body: bytes
-
-
-@attrs.frozen
-class Replacement:
-    """A user with keys, and the new keys it replaces them with through UIA."""
-
-    token: str
-    user_id: str
-    password: str
-    body: dict[str, Any]
 
 
 @attrs.define
@@ -145,11 +98,7 @@ class Target:
         return f"{self.server.base_url}{UPLOAD_PATH}"
 
     def _post(self, token: str, body: bytes) -> tuple[float, requests.Response]:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        start = time.perf_counter()
-        response = self.session.post(self.url, data=body, headers=headers, timeout=60)
-        _ = response.content
-        return time.perf_counter() - start, response
+        return timed_post(self.session, self.url, token, body)
 
     def send(self, prepared: Prepared) -> tuple[float, int]:
         elapsed, response = self._post(prepared.token, prepared.body)
@@ -160,23 +109,12 @@ class Target:
 
     def replace(self, replacement: Replacement) -> tuple[float, int]:
         """The challenge, then the password in its session: the two requests' time."""
-        first, response = self._post(replacement.token, _encode(replacement.body))
+        first, response = self._post(replacement.token, encode(replacement.body))
         if response.status_code != 401:
             return first, response.status_code
-        auth = {
-            "type": "m.login.password",
-            "identifier": {"type": "m.id.user", "user": replacement.user_id},
-            "password": replacement.password,
-            "session": response.json()["session"],
-        }
-        second, response = self._post(
-            replacement.token, _encode({**replacement.body, "auth": auth})
-        )
+        auth = password_auth(replacement, response.json()["session"])
+        second, response = self._post(replacement.token, encode({**replacement.body, "auth": auth}))
         return first + second, response.status_code
-
-
-def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body).encode()
 
 
 def _user_with_keys(server: SynapseServer) -> tuple[str, str, dict[str, Any]]:
@@ -191,15 +129,15 @@ def prepare(target: Target, fresh_users: int) -> None:
     """Register users and build bodies for every path. Not timed."""
     server = target.server
     _, token, body = _user_with_keys(server)
-    target.identical = Prepared(token, _encode(body))
+    target.identical = Prepared(token, encode(body))
 
     # The challenge user has keys stored and sends another valid set for itself.
     user_id, token, _ = _user_with_keys(server)
-    target.challenge = Prepared(token, _encode(CrossSigningKeys(user_id).body()))
+    target.challenge = Prepared(token, encode(CrossSigningKeys(user_id).body()))
 
     for _ in range(fresh_users):
         user = register_user(server.base_url, server.shared_secret)
-        target.fresh.append(Prepared(user.access_token, _encode(user.keys().body())))
+        target.fresh.append(Prepared(user.access_token, encode(user.keys().body())))
         user = register_user(server.base_url, server.shared_secret)
         user.upload_with_uia(user.keys().body()).raise_for_status()
         target.replacements.append(
@@ -207,24 +145,6 @@ def prepare(target: Target, fresh_users: int) -> None:
         )
     # Warm the connection so that no timed request opens one.
     target.session.get(f"{server.base_url}/health", timeout=30).raise_for_status()
-
-
-def _run_parallel(jobs: Sequence[Callable[[], object]]) -> None:
-    errors: list[BaseException] = []
-
-    def wrap(job: Callable[[], object]) -> None:
-        try:
-            job()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def one_round(targets: dict[str, Target], order: Sequence[str], record: bool, pause: float) -> None:
@@ -253,93 +173,20 @@ def one_round(targets: dict[str, Target], order: Sequence[str], record: bool, pa
                 time.sleep(pause)
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (the `inclusive` method)."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def ratio_interval(
-    module: Sequence[float], native: Sequence[float], resamples: int = 1000
-) -> tuple[float, float]:
-    """A 95% bootstrap interval for the ratio of medians."""
-    rng = random.Random(0)
-    ratios = []
-    for _ in range(resamples):
-        m = statistics.median(rng.choices(module, k=len(module)))
-        n = statistics.median(rng.choices(native, k=len(native)))
-        ratios.append(m / n)
-    return quantile(ratios, 0.025), quantile(ratios, 0.975)
-
-
-def paired_ratio(
-    module: Sequence[float], native: Sequence[float], resamples: int = 1000
-) -> tuple[float, float, float]:
-    """The median over rounds of module/native for the requests of one round, which ran
-    back to back, with a 95% bootstrap interval. Load that comes and goes during a run
-    falls on both requests of a pair, so this moves less between runs on a busy machine."""
-    ratios = [m / n for m, n in zip(module, native, strict=True)]
-    rng = random.Random(0)
-    medians = [statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples)]
-    return statistics.median(ratios), quantile(medians, 0.025), quantile(medians, 0.975)
-
-
 def summarise(targets: dict[str, Target]) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
-    for path in PATHS:
-        entry: dict[str, Any] = {}
-        for name in SERVERS:
-            samples = targets[name].samples[path]
-            entry[name] = {
-                "median_ms": statistics.median(samples) * 1000,
-                "p90_ms": quantile(samples, 0.9) * 1000,
-                "statuses": {str(k): v for k, v in sorted(targets[name].statuses[path].items())},
-            }
-        entry["ratio_median"] = entry["module"]["median_ms"] / entry["native"]["median_ms"]
-        entry["ratio_p90"] = entry["module"]["p90_ms"] / entry["native"]["p90_ms"]
-        low, high = ratio_interval(targets["module"].samples[path], targets["native"].samples[path])
-        entry["ratio_median_95ci"] = [low, high]
-        paired, low, high = paired_ratio(
-            targets["module"].samples[path], targets["native"].samples[path]
+    return {
+        path: compare(
+            targets["native"].samples[path],
+            targets["module"].samples[path],
+            targets["native"].statuses[path],
+            targets["module"].statuses[path],
         )
-        entry["paired_ratio"] = paired
-        entry["paired_ratio_95ci"] = [low, high]
-        figures[path] = entry
-    return figures
-
-
-def _statuses(counts: dict[str, int]) -> str:
-    return "/".join(counts)
+        for path in PATHS
+    }
 
 
 def print_table(figures: dict[str, Any]) -> None:
-    header = (
-        f"{'path':<20} {'native med':>10} {'native p90':>10} {'module med':>10} "
-        f"{'module p90':>10} {'ratio med':>9} {'95% CI':>13} {'ratio p90':>9} "
-        f"{'paired':>7} {'95% CI':>13}  status n/m"
-    )
-    print(header)
-    print("-" * len(header))
-    for path in PATHS:
-        f = figures[path]
-        low, high = f["ratio_median_95ci"]
-        paired_low, paired_high = f["paired_ratio_95ci"]
-        print(
-            f"{path:<20} {f['native']['median_ms']:>10.2f} {f['native']['p90_ms']:>10.2f} "
-            f"{f['module']['median_ms']:>10.2f} {f['module']['p90_ms']:>10.2f} "
-            f"{f['ratio_median']:>9.3f} {f'{low:.3f}-{high:.3f}':>13} {f['ratio_p90']:>9.3f} "
-            f"{f['paired_ratio']:>7.3f} {f'{paired_low:.3f}-{paired_high:.3f}':>13}  "
-            f"{_statuses(f['native']['statuses'])}/{_statuses(f['module']['statuses'])}"
-        )
-    print(
-        "(latencies in ms; ratio = module / native: of the medians, of the p90s, and the "
-        "median of the ratios of the two requests of each round)"
-    )
+    print_comparison({path: figures[path] for path in PATHS})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,10 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     started = time.monotonic()
     try:
-        _run_parallel([server.start for server in servers.values()])
+        run_parallel([server.start for server in servers.values()])
         targets = {name: Target(name, server) for name, server in servers.items()}
         fresh_users = args.rounds + args.warmup
-        _run_parallel([functools.partial(prepare, t, fresh_users) for t in targets.values()])
+        run_parallel([functools.partial(prepare, t, fresh_users) for t in targets.values()])
         print(
             f"servers started and {fresh_users} users each prepared in "
             f"{time.monotonic() - started:.0f}s"

@@ -43,6 +43,22 @@ def _find_binary(name: str) -> str | None:
     return candidates[0] if candidates else None
 
 
+def pg_stat_statements_available() -> bool:
+    """Whether the PostgreSQL that `initdb` belongs to ships the `pg_stat_statements`
+    extension (part of the server package on recent Debian releases, of `postgresql-contrib`
+    on older ones)."""
+    initdb = _find_binary("initdb")
+    if initdb is None:
+        return False
+    pg_config = Path(initdb).resolve().parent / "pg_config"
+    if pg_config.exists():
+        sharedir = subprocess.run(
+            [str(pg_config), "--sharedir"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        return (Path(sharedir) / "extension" / "pg_stat_statements.control").exists()
+    return bool(glob.glob("/usr/share/postgresql/*/extension/pg_stat_statements.control"))
+
+
 def missing_requirements() -> list[str]:
     """What the worker deployment needs and this machine lacks."""
     missing = [name for name in ("initdb", "pg_ctl", "redis-server") if _find_binary(name) is None]
@@ -88,10 +104,15 @@ def _wait_for(
 
 
 class PostgresCluster:
-    """A throw-away cluster created with `initdb`, trusting loopback connections."""
+    """A throw-away cluster created with `initdb`, trusting loopback connections.
 
-    def __init__(self, directory: Path) -> None:
+    With `pg_stat_statements` the cluster preloads that extension's library: without it the
+    extension's views refuse to answer.
+    """
+
+    def __init__(self, directory: Path, pg_stat_statements: bool = False) -> None:
         self.directory = directory
+        self.pg_stat_statements = pg_stat_statements
         self.data = directory / "pgdata"
         self.port = free_port()
         self.log = directory / "postgres.log"
@@ -111,6 +132,12 @@ class PostgresCluster:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def start(self) -> PostgresCluster:
+        options = (
+            f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        if self.pg_stat_statements:
+            options += " -c shared_preload_libraries=pg_stat_statements"
         self.data.mkdir(parents=True)
         self.log.touch()
         if self._user is not None:
@@ -135,25 +162,29 @@ class PostgresCluster:
             str(self.log),
             "-w",
             "-o",
-            f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            options,
             "start",
         )
         return self
 
-    def create_database(self, name: str) -> None:
+    def execute(self, database: str, statement: str) -> None:
+        """Run one statement outside a transaction, as the superuser."""
         import psycopg2
 
-        conn = psycopg2.connect(
-            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres"
-        )
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=database)
         conn.autocommit = True
-        with conn.cursor() as cursor:
-            # Synapse requires the C collation.
-            cursor.execute(
-                f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
-            )
-        conn.close()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(statement)
+        finally:
+            conn.close()
+
+    def create_database(self, name: str) -> None:
+        # Synapse requires the C collation.
+        self.execute(
+            "postgres",
+            f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
 
     def stop(self) -> None:
         if self.data.exists():
@@ -255,14 +286,17 @@ class SynapseProcess:
         ]
 
 
-def _log_config(directory: Path, name: str) -> Path:
-    return write_log_config(directory / f"{name}.log.yaml", directory / f"{name}.log")
-
-
 class WorkerDeployment:
     """PostgreSQL + Redis + Synapse main (client, admin and replication listeners) + `workers`
     generic workers, `worker1` to `workerN`, each with a client listener, a log file and a
-    configuration file of its own; the module is loaded in every process.
+    configuration file of its own; the module is loaded in every process, or in none with
+    `with_module=False` (native Synapse, for comparison).
+
+    With `pg_stat_statements` the cluster preloads that extension and the `synapse` database
+    has it (see `pg_stat_statements_available`).
+
+    `log_config_template`, if given, is the logging configuration of every process instead of
+    the harness's, with `{log_file}` where the process's log file goes.
 
     `workers` lists the worker processes in order; `worker` is the first of them.
     """
@@ -272,13 +306,19 @@ class WorkerDeployment:
         module_config: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
         workers: int = 1,
+        *,
+        with_module: bool = True,
+        pg_stat_statements: bool = False,
+        log_config_template: str | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"a deployment needs at least one worker, not {workers}")
         self.directory = Path(tempfile.mkdtemp(prefix="xsign-workers-"))
         self.module_config = module_config or {}
         self.extra_config = extra_config or {}
-        self.postgres = PostgresCluster(self.directory)
+        self.with_module = with_module
+        self.log_config_template = log_config_template
+        self.postgres = PostgresCluster(self.directory, pg_stat_statements=pg_stat_statements)
         self.redis = RedisServer(self.directory)
         self.main_port = free_port()
         self.replication_port = free_port()
@@ -316,9 +356,17 @@ class WorkerDeployment:
     def shared_secret(self) -> str:
         return str(self.config["registration_shared_secret"])
 
+    def _log_config(self, name: str) -> Path:
+        path = self.directory / f"{name}.log.yaml"
+        log_file = self.directory / f"{name}.log"
+        if self.log_config_template is None:
+            return write_log_config(path, log_file)
+        path.write_text(self.log_config_template.format(log_file=log_file))
+        return path
+
     def _write_configs(self) -> None:
         config = base_config(self.directory, self.main_port, "localhost")
-        config["log_config"] = str(_log_config(self.directory, "main"))
+        config["log_config"] = str(self._log_config("main"))
         config["listeners"].append(
             {
                 "port": self.replication_port,
@@ -340,7 +388,8 @@ class WorkerDeployment:
         }
         config["redis"] = {"enabled": True, "host": "127.0.0.1", "port": self.redis.port}
         config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
-        config["modules"] = [{"module": MODULE, "config": self.module_config}]
+        if self.with_module:
+            config["modules"] = [{"module": MODULE, "config": self.module_config}]
         self.config = deep_merge(config, self.extra_config)
         with open(self.config["signing_key_path"], "w") as f:
             write_signing_keys(f, [generate_signing_key("a_test")])
@@ -363,7 +412,7 @@ class WorkerDeployment:
                                 "resources": [{"names": ["client"]}],
                             }
                         ],
-                        "worker_log_config": str(_log_config(self.directory, worker.name)),
+                        "worker_log_config": str(self._log_config(worker.name)),
                     }
                 )
             )
@@ -373,6 +422,8 @@ class WorkerDeployment:
         try:
             self.postgres.start()
             self.postgres.create_database("synapse")
+            if self.postgres.pg_stat_statements:
+                self.postgres.execute("synapse", "CREATE EXTENSION pg_stat_statements")
             self.redis.start()
             self._write_configs()
             # Main first: it prepares the empty database.
