@@ -773,12 +773,15 @@ class DatabaseCounters:
     def reset_statements(self) -> None:
         self._query("SELECT pg_stat_statements_reset()")
 
-    def statements(self) -> Counter[str]:
+    def statements(self) -> tuple[Counter[str], dict[str, float]]:
+        """Each statement's calls, and the milliseconds PostgreSQL spent executing it."""
         rows = self._query(
-            "SELECT query, sum(calls) FROM pg_stat_statements WHERE dbid = %s GROUP BY query",
+            "SELECT query, sum(calls), sum(total_exec_time) FROM pg_stat_statements "
+            "WHERE dbid = %s GROUP BY query",
             (self.dbid,),
         )
-        return Counter({str(query): int(calls) for query, calls in rows})
+        calls = Counter({str(query): int(n) for query, n, _ in rows})
+        return calls, {str(query): float(ms) for query, _, ms in rows}
 
     def close(self) -> None:
         self.connection.close()
@@ -791,6 +794,7 @@ class Window:
     seconds: float
     transactions: int
     statements: Counter[str]
+    exec_ms: dict[str, float]
 
     @property
     def control(self) -> int:
@@ -804,12 +808,14 @@ class Window:
     def sql(self) -> int:
         return sum(self.statements.values()) - self.control - self.settings
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, float]:
         return {
             "sql": self.sql,
             "settings": self.settings,
             "transaction_control": self.control,
+            "statements": sum(self.statements.values()),
             "transactions": self.transactions,
+            "exec_ms": sum(self.exec_ms.values()),
         }
 
 
@@ -819,9 +825,9 @@ def measure(counters: DatabaseCounters, work: Callable[[], None]) -> Window:
     started = time.monotonic()
     work()
     time.sleep(STATS_SETTLE_S)
-    statements = counters.statements()
+    statements, exec_ms = counters.statements()
     transactions = counters.transactions() - before
-    return Window(time.monotonic() - started, transactions, statements)
+    return Window(time.monotonic() - started, transactions, statements, exec_ms)
 
 
 def run_dbwork(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any] | None:
@@ -889,6 +895,7 @@ def run_dbwork(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, An
                     "seconds": w.seconds,
                     **w.counts(),
                     "statements": dict(w.statements.most_common()),
+                    "statement_exec_ms": w.exec_ms,
                 },
                 "statuses": {
                     str(code): n for code, n in sorted(endpoints[name].statuses[path].items())
@@ -896,34 +903,36 @@ def run_dbwork(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, An
             }
         figures[name] = entry
 
-    columns = (("sql", "queries"), ("settings", "SET"), ("transaction_control", "B/C/R"))
-    header = f"{'path':<20} " + " ".join(
-        f"{side + ' ' + title:>{max(10, len(side) + len(title) + 1)}}"
-        for _, title in (*columns, ("transactions", "tx"))
-        for side in SIDES
+    columns = (
+        ("sql", "queries", ".2f"),
+        ("settings", "SET", ".2f"),
+        ("transaction_control", "B/C/R", ".2f"),
+        ("statements", "all", ".2f"),
+        ("transactions", "tx", ".2f"),
+        ("exec_ms", "exec ms", ".3f"),
     )
+    header = f"{'path':<20} {'side':<7} " + " ".join(f"{title:>8}" for _, title, _ in columns)
     print(header)
     print("-" * len(header))
     for path in PATHS:
-        cells = []
-        for kind, title in (*columns, ("transactions", "tx")):
-            for side in SIDES:
-                width = max(10, len(side) + len(title) + 1)
-                cells.append(f"{figures[side][path][kind]:>{width}.2f}")
-        print(f"{path:<20} " + " ".join(cells))
+        for side in SIDES:
+            f = figures[side][path]
+            cells = " ".join(f"{f[kind]:>8{spec}}" for kind, _, spec in columns)
+            print(f"{path if side == SIDES[0] else '':<20} {side:<7} {cells}")
     for name in SIDES:
         b = figures[name]["background_per_s"]
         print(
             f"({name} with no requests, subtracted: {b['sql']:.2f} queries, {b['settings']:.2f} "
             f"SET, {b['transaction_control']:.2f} BEGIN/COMMIT/ROLLBACK, "
-            f"{b['transactions']:.2f} transactions a second)"
+            f"{b['transactions']:.2f} transactions, {b['exec_ms']:.3f} ms of execution a second)"
         )
     print(
         "(per request; for replacement per challenge and answer together. queries: statements "
         "other than SET and transaction control; SET: session settings, which psycopg2 sends "
         "when Synapse switches a connection to or from autocommit; B/C/R: BEGIN, COMMIT and "
-        "ROLLBACK; tx: committed and rolled-back transactions of the synapse database, "
-        "statements outside a transaction block included)"
+        "ROLLBACK; all: every statement, each a round trip; tx: committed and rolled-back "
+        "transactions of the synapse database, statements outside a transaction block "
+        "included; exec ms: time PostgreSQL spent executing the statements)"
     )
     if args.show_statements:
         show_statements(figures, k)
@@ -931,16 +940,25 @@ def run_dbwork(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, An
 
 
 def show_statements(figures: dict[str, Any], k: int) -> None:
-    """For each path, the statements whose count per request differs between the sides."""
+    """For each path, the statements whose count per request differs between the sides, with
+    the time PostgreSQL spent executing them."""
     for path in PATHS:
-        native = Counter(figures["native"][path]["raw"]["statements"])
-        module = Counter(figures["module"][path]["raw"]["statements"])
-        print(f"\n{path}: calls per request, native / module, where they differ")
+        raw = {side: figures[side][path]["raw"] for side in SIDES}
+        native, module = (Counter(raw[side]["statements"]) for side in SIDES)
+        native_ms, module_ms = (raw[side]["statement_exec_ms"] for side in SIDES)
+        print(
+            f"\n{path}: calls per request native, module; execution ms per request native, "
+            "module; where the calls differ"
+        )
         for query in sorted(set(native) | set(module), key=lambda q: -abs(module[q] - native[q])):
             if abs(module[query] - native[query]) / k < 0.1:
                 continue
-            text = " ".join(query.split())[:110]
-            print(f"  {native[query] / k:>6.2f} {module[query] / k:>6.2f}  {text}")
+            text = " ".join(query.split())[:90]
+            print(
+                f"  {native[query] / k:>6.2f} {module[query] / k:>6.2f} "
+                f"{native_ms.get(query, 0.0) / k:>7.3f} {module_ms.get(query, 0.0) / k:>7.3f}  "
+                f"{text}"
+            )
 
 
 # Running it all.
