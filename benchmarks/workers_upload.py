@@ -22,15 +22,17 @@ Phases:
            different key sets, to two processes where two serve the endpoint; afterwards
            each user's stored keys are read back with `/keys/query` and compared with the
            answers
-  dbwork   with `pg_stat_statements`: SQL statements and transactions per request of each
-           path, as the database counted them
+  dbwork   with `pg_stat_statements` and `pg_stat_database`: statements, transactions and
+           PostgreSQL's execution time per request of each path, as the database counted
+           them, with what the deployment does without requests subtracted
 
 Run with the python of the environment that has the Synapse to measure, from the repository
 root:
 
     python benchmarks/workers_upload.py [--rounds N] [--warmup N] [--storm-users N]
-                                        [--storm-clients N] [--phases latency,storm,race,dbwork]
-                                        [--json FILE] [--keep]
+                                        [--storm-clients N] [--dbwork-requests N]
+                                        [--phases latency,storm,race,dbwork]
+                                        [--show-statements] [--nice N] [--json FILE] [--keep]
 
 It needs PostgreSQL, Redis and `matrix-synapse[postgres,redis]`. It prints figures and asserts
 nothing about them.
