@@ -3,6 +3,7 @@ outside the timed region, and the figures that compare native Synapse with the m
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -10,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -206,4 +208,29 @@ def print_comparison(rows: Mapping[str, dict[str, Any]], label: str = "path") ->
     print(
         "(latencies in ms; ratio = module / native: of the medians, of the p90s, and the "
         "median of the ratios of the two requests of each round)"
+    )
+
+
+def add_common_options(parser: argparse.ArgumentParser, started: str) -> None:
+    """The options every upload benchmark takes; `started` names what it starts ("the
+    servers", "the deployments")."""
+    parser.add_argument(
+        "--synapse-label", default=None, help="label for the Synapse build (default: its version)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--unbuffered-log",
+        action="store_true",
+        help="log through the test harness's unbuffered file handler instead of the buffered "
+        "set-up Synapse generates for a new install",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help=f"add this to the scheduling niceness of this process and {started} it starts "
+        "(negative needs root): on a shared machine, -10 keeps other load out of the figures",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help=f"keep the directories of {started} (logs, databases)"
     )

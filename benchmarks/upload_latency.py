@@ -54,6 +54,7 @@ from benchmarks._shared import (
     STOCK_LOG_CONFIG,
     Prepared,
     Replacement,
+    add_common_options,
     compare,
     encode,
     password_auth,
@@ -200,26 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="milliseconds to wait after each request, so that one server's background work "
         "does not land in the other's timed request (default 2)",
     )
-    parser.add_argument(
-        "--synapse-label", default=None, help="label for the Synapse build (default: its version)"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument(
-        "--unbuffered-log",
-        action="store_true",
-        help="log through the test harness's unbuffered file handler instead of the buffered "
-        "set-up Synapse generates for a new install",
-    )
-    parser.add_argument(
-        "--nice",
-        type=int,
-        default=0,
-        help="add this to the scheduling niceness of this process and the servers it starts "
-        "(negative needs root): on a shared machine, -10 keeps other load out of the figures",
-    )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the servers' directories (logs, databases)"
-    )
+    add_common_options(parser, "the servers")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be at least 1 and --warmup at least 0")

@@ -72,6 +72,7 @@ from benchmarks._shared import (
     STOCK_LOG_CONFIG,
     Prepared,
     Replacement,
+    add_common_options,
     compare,
     encode,
     password_auth,
@@ -1049,26 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(PHASES),
         help=f"comma-separated, from {','.join(PHASES)} (default: all)",
     )
-    parser.add_argument(
-        "--synapse-label", default=None, help="label for the Synapse build (default: its version)"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument(
-        "--unbuffered-log",
-        action="store_true",
-        help="log through the test harness's unbuffered file handler instead of the buffered "
-        "set-up Synapse generates for a new install",
-    )
-    parser.add_argument(
-        "--nice",
-        type=int,
-        default=0,
-        help="add this to the scheduling niceness of this process and everything it starts "
-        "(negative needs root)",
-    )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the deployments' directories (logs, databases)"
-    )
+    add_common_options(parser, "the deployments")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.storm_users < 2 or args.storm_clients < 2:
         parser.error("--rounds and --storm-clients must be at least 1 and 2, --storm-users 2")

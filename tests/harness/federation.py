@@ -41,13 +41,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from tests.harness.client import User
+from tests.harness.client import User, register_user
 from tests.harness.server import SynapseServer, free_port
 
 CLIENT = "/_matrix/client/v3"
@@ -196,6 +197,20 @@ class FederatingSynapse(SynapseServer):
         """Federation requests this server answered for `user_id`'s device list."""
         quoted = urllib.parse.quote(user_id, safe="")
         return self.count_requests(f"GET {FEDERATION_DEVICES_PATH}{quoted}")
+
+
+@attrs.define
+class Pair:
+    """A homeserver with the module and a remote one it federates with."""
+
+    local: FederatingSynapse
+    remote: FederatingSynapse
+
+    def local_user(self, *, admin: bool = False) -> User:
+        return register_user(self.local.base_url, self.local.shared_secret, admin=admin)
+
+    def remote_user(self) -> User:
+        return register_user(self.remote.base_url, self.remote.shared_secret)
 
 
 def start_all(*servers: SynapseServer) -> None:

@@ -20,7 +20,7 @@ import pytest
 from synapse_xsign_uia import cli
 from tests.conftest import ServerFactory
 from tests.harness.client import User, register_user
-from tests.harness.federation import StaticFederationServer
+from tests.harness.federation import StaticFederationServer, device_list
 from tests.harness.server import SynapseServer, free_port
 
 pytestmark = pytest.mark.synapse
@@ -353,17 +353,6 @@ def remote() -> Iterator[StaticFederationServer]:
         yield remote
 
 
-def device_list(user_id: str) -> dict[str, Any]:
-    keys = {
-        "user_id": user_id,
-        "device_id": "REMOTE",
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
-        "keys": {"ed25519:REMOTE": "x" * 43, "curve25519:REMOTE": "y" * 43},
-        "signatures": {},
-    }
-    return {"user_id": user_id, "stream_id": 3, "devices": [{"device_id": "REMOTE", "keys": keys}]}
-
-
 def fetched(server: SynapseServer, admin: User, target: str) -> None:
     """Have the homeserver fetch `target`'s device list, which makes it track the user, and
     wait until the fetch is on record (it is recorded in the background)."""
@@ -383,7 +372,7 @@ def test_remote_device_lists(
     server: SynapseServer, admin: User, remote: StaticFederationServer
 ) -> None:
     target = f"@cli:{remote.server_name}"
-    remote.body = device_list(target)
+    remote.body = device_list(target, "REMOTE")
     fetched(server, admin, target)
 
     user = run(server, admin.access_token, "device-lists", "user", target)

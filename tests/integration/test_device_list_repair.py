@@ -33,6 +33,7 @@ from tests.harness.client import (
 from tests.harness.federation import (
     CLIENT,
     FederatingSynapse,
+    Pair,
     join_room,
     start_all,
     wait_for_member,
@@ -49,18 +50,6 @@ MIN_RETRY_INTERVAL_S = 5
 SLACK_MS = 2000
 
 T = TypeVar("T")
-
-
-@attrs.define
-class Pair:
-    local: FederatingSynapse
-    remote: FederatingSynapse
-
-    def local_user(self, *, admin: bool = False) -> User:
-        return register_user(self.local.base_url, self.local.shared_secret, admin=admin)
-
-    def remote_user(self) -> User:
-        return register_user(self.remote.base_url, self.remote.shared_secret)
 
 
 @attrs.define

@@ -23,6 +23,7 @@ from tests.conftest import ServerFactory
 from tests.harness.client import QUERY_PATH, User, register_user
 from tests.harness.federation import (
     FederatingSynapse,
+    Pair,
     StaticFederationServer,
     device_list,
     share_room,
@@ -51,18 +52,6 @@ LOCAL_MODULE_CONFIG = {
 }
 # Synapse's retry loop for stale device lists runs every 30 s, on every supported version.
 RETRY_LOOP_S = 30
-
-
-@attrs.define
-class Pair:
-    local: FederatingSynapse
-    remote: FederatingSynapse
-
-    def local_user(self, *, admin: bool = False) -> User:
-        return register_user(self.local.base_url, self.local.shared_secret, admin=admin)
-
-    def remote_user(self) -> User:
-        return register_user(self.remote.base_url, self.remote.shared_secret)
 
 
 @attrs.define

@@ -22,7 +22,7 @@ import requests
 
 from tests.conftest import ServerFactory
 from tests.harness.client import User, register_user
-from tests.harness.federation import StaticFederationServer
+from tests.harness.federation import StaticFederationServer, device_list
 from tests.harness.server import SynapseServer
 
 pytestmark = pytest.mark.synapse
@@ -57,17 +57,6 @@ def admin(server: SynapseServer) -> User:
 def remote() -> Iterator[StaticFederationServer]:
     with StaticFederationServer(200) as remote:
         yield remote
-
-
-def device_list(user_id: str) -> dict[str, Any]:
-    keys = {
-        "user_id": user_id,
-        "device_id": "REMOTE",
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
-        "keys": {"ed25519:REMOTE": "x" * 43, "curve25519:REMOTE": "y" * 43},
-        "signatures": {},
-    }
-    return {"user_id": user_id, "stream_id": 3, "devices": [{"device_id": "REMOTE", "keys": keys}]}
 
 
 def resync(user: User, target: str) -> requests.Response:
@@ -109,7 +98,7 @@ def test_another_process_fetching_is_waited_for(
     server: SynapseServer, admin: User, remote: StaticFederationServer
 ) -> None:
     target = f"@waited:{remote.server_name}"
-    remote.body = device_list(target)
+    remote.body = device_list(target, "REMOTE")
     claim(server, target, now_ms())
     thread, answers = in_background(lambda: resync(admin, target))
     time.sleep(1.5)
@@ -152,7 +141,7 @@ def test_another_process_failing_is_relayed(
     assert "404" in body["error"]
     assert remote.requests == 0
     # A failure starts no cooldown: the next request fetches itself.
-    remote.body = device_list(target)
+    remote.body = device_list(target, "REMOTE")
     assert resync(admin, target).status_code == 202
     assert remote.requests == 1
 
@@ -161,7 +150,7 @@ def test_a_claim_left_by_a_dead_process_runs_out(
     server: SynapseServer, admin: User, remote: StaticFederationServer
 ) -> None:
     target = f"@orphaned:{remote.server_name}"
-    remote.body = device_list(target)
+    remote.body = device_list(target, "REMOTE")
     claim(server, target, now_ms() - CLAIM_LEASE_MS + 2000)
     started = time.monotonic()
     response = resync(admin, target)
@@ -174,7 +163,7 @@ def test_a_fetch_by_another_process_starts_the_cooldown_here(
     server: SynapseServer, admin: User, remote: StaticFederationServer
 ) -> None:
     target = f"@cooled:{remote.server_name}"
-    remote.body = device_list(target)
+    remote.body = device_list(target, "REMOTE")
     write(
         server, f"INSERT INTO {TABLE} (user_id, fetched_ms) VALUES (?, ?)", target, now_ms() - 1000
     )
@@ -187,7 +176,7 @@ def test_a_fetch_older_than_the_cooldown_is_fetched_again(
     server: SynapseServer, admin: User, remote: StaticFederationServer
 ) -> None:
     target = f"@warm:{remote.server_name}"
-    remote.body = device_list(target)
+    remote.body = device_list(target, "REMOTE")
     fetched_ms = now_ms() - COOLDOWN_S * 1000 - 1000
     write(server, f"INSERT INTO {TABLE} (user_id, fetched_ms) VALUES (?, ?)", target, fetched_ms)
     assert resync(admin, target).status_code == 202
