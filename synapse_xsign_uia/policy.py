@@ -84,8 +84,10 @@ class Facts:
 class Decision:
     rule: Rule
     action: Action
-    # Fill Synapse's cache of the user's keys, so that the next identical re-upload is
-    # answered from it, before the lock.
+    # Fill Synapse's cache of the user's keys, where it held nothing for the user, so that
+    # the next identical re-upload is answered from it, before the lock, and the next
+    # challenge is forecast from it (`expects_challenge`). Only where the request is carried
+    # out without a write (`needs_lock`): a write makes the cache stale again.
     refresh_cache: bool = False
 
 
@@ -170,7 +172,7 @@ def decide(toggles: Toggles, facts: Facts) -> Decision:
         return Decision(Rule.DELEGATED_AUTH, Action.DELEGATE)
     if not facts.can_do_uia:
         return Decision(Rule.UIA, Action.REFUSE)
-    return Decision(Rule.UIA, Action.REQUIRE_UIA)
+    return Decision(Rule.UIA, Action.REQUIRE_UIA, refresh_cache=facts.cache_missed)
 
 
 def needs_lock(decision: Decision, auth_sent: bool) -> bool:
@@ -182,6 +184,22 @@ def needs_lock(decision: Decision, auth_sent: bool) -> bool:
     if decision.action is Action.REQUIRE_UIA:
         return auth_sent
     return True
+
+
+def expects_challenge(toggles: Toggles, cached_facts: Facts, auth_sent: bool) -> bool:
+    """Whether a request is expected to be answered with a UIA challenge, judged from
+    Synapse's cache of the stored keys before the database is read (`cached_facts`: no
+    window, which the cache does not hold).
+
+    Only a forecast, so that Synapse's UIA can build the challenge while the stored state is
+    read: the decision is still `decide` on what the database holds, and a challenge built
+    for a request decided otherwise (an admin window is open, another process has just
+    written the keys) is not answered. Building one writes nothing but a UIA session that
+    nobody is sent, which Synapse expires. A request with `auth` is never forecast: UIA may
+    pass it, and must then run under the lock."""
+    if auth_sent:
+        return False
+    return decide(toggles, cached_facts).action is Action.REQUIRE_UIA
 
 
 class SessionVerdict(enum.Enum):

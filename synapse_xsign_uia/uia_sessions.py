@@ -19,7 +19,7 @@ import collections
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from synapse_xsign_uia import policy
@@ -89,19 +89,21 @@ class UiaSessions:
 
     async def authenticate(
         self,
+        uia: Awaitable[str | None],
         caller: Caller,
         request: SynapseRequest,
         body: Mapping[str, Any],
         requested: Mapping[str, JsonKey],
     ) -> str | None:
-        """Synapse's UIA for writing `requested`, then the session's verdict; the ID of the
-        session that authorises the write. Raises Synapse's challenge (a 401) until the user
-        has authenticated, and `SessionRefused` when the session may not authorise it."""
+        """The session's verdict on Synapse's UIA (`uia`, its call for this request) for
+        writing `requested`; the ID of the session that authorises the write. Raises
+        Synapse's challenge (a 401) until the user has authenticated, and `SessionRefused`
+        when the session may not authorise it."""
         keys = self._synapse.keys
         try:
-            session_id = await keys.user_interactive_auth(caller, request, body, UIA_DESCRIPTION)
+            session_id = await uia
         except keys.uia_challenge as e:
-            self.offered(keys.challenged_session(e), caller, requested)
+            self.offered(keys.challenged_session(e), caller, requested, request)
             raise
         if session_id is None:
             return None
@@ -109,7 +111,7 @@ class UiaSessions:
         if verdict is SessionVerdict.AUTHORISES:
             return session_id
         fresh = await keys.fresh_uia_challenge(caller, request, body, UIA_DESCRIPTION)
-        self.offered(keys.challenged_session(fresh), caller, requested)
+        self.offered(keys.challenged_session(fresh), caller, requested, request)
         raise SessionRefused(verdict, fresh)
 
     def _offer(
@@ -123,16 +125,30 @@ class UiaSessions:
             self._synapse.now_ms(),
         )
 
-    def offered(self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey]) -> None:
-        """A challenge for `session_id` went to `caller` for `requested`. The first one
-        counts: a wrong password is answered with the same session."""
+    def offered(
+        self,
+        session_id: str,
+        caller: Caller,
+        requested: Mapping[str, JsonKey],
+        request: SynapseRequest,
+    ) -> None:
+        """A challenge for `session_id` went to `caller` for `requested`, in answer to
+        `request`. The first one counts: a wrong password is answered with the same session.
+
+        With workers the offer is recorded in the database once the challenge is on its way,
+        not before: the record's transaction would hold the challenge up. Before the client
+        can complete the session it must answer the challenge, and a request that brings
+        credentials is checked by Synapse (a password hash, several round trips) before the
+        record is read; and if a record is late all the same, a request that brings
+        credentials is authorised as one whose session no challenge offered (it could have
+        started its own), and one without is challenged afresh."""
         if session_id in self._offers:
             return
         offer = self._offers[session_id] = self._offer(session_id, caller, requested)
         self._forget_old_offers(offer.at_ms)
         if self._synapse.with_workers:
-            self._synapse.run_in_background(
-                "synapse_xsign_uia_record_uia_session", self._record, offer
+            self._synapse.run_after_response(
+                request, "synapse_xsign_uia_record_uia_session", self._record, offer
             )
 
     def _forget_old_offers(self, now_ms: int) -> None:

@@ -24,7 +24,7 @@ from synapse_xsign_uia.uia_sessions import UIA_DESCRIPTION, SessionRefused, UiaS
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
 
-    from synapse_xsign_uia._synapse import Caller, Native, StoredState, Synapse
+    from synapse_xsign_uia._synapse import Caller, Native, Started, StoredState, Synapse
     from synapse_xsign_uia.config import Config
     from synapse_xsign_uia.notice import ResetNotifier
     from synapse_xsign_uia.store import Store
@@ -96,28 +96,64 @@ class UploadHandler:
                 return self._answer(attempt, early.rule, UploadOutcome.NOTHING_WRITTEN)
             validation.check_keys(attempt.requested, caller.user_id)
         public_keys = [validation.public_key(key) for key in attempt.requested.values()]
-        stored = await keys.stored_state(caller.user_id, public_keys)
-        decision = policy.decide(self._toggles, self._facts(attempt, stored, cached))
-        if not policy.needs_lock(decision, attempt.auth_sent):
-            # Writes nothing: as if it had come just before any write now in progress.
-            with self._decision_logged(caller.user_id, decision.rule):
-                return await self._carry_out(attempt, decision, stored, native, locked=False)
+        challenge = self._start_challenge(attempt, cached)
+        try:
+            stored = await keys.stored_state(caller.user_id, public_keys)
+            decision = policy.decide(
+                self._toggles, self._facts(attempt, stored.keys, stored.window_expires_ms, cached)
+            )
+            if not policy.needs_lock(decision, attempt.auth_sent):
+                # Writes nothing: as if it had come just before any write now in progress.
+                with self._decision_logged(caller.user_id, decision.rule):
+                    return await self._carry_out(
+                        attempt, decision, stored, native, locked=False, challenge=challenge
+                    )
+        finally:
+            if challenge is not None:
+                challenge.discard()
         async with self._lock.hold(caller.user_id):
             # Decided again: another request may have written the keys meanwhile.
             stored = await keys.stored_state(caller.user_id, public_keys)
-            decision = policy.decide(self._toggles, self._facts(attempt, stored, cached))
+            decision = policy.decide(
+                self._toggles, self._facts(attempt, stored.keys, stored.window_expires_ms, cached)
+            )
             with self._decision_logged(caller.user_id, decision.rule):
                 return await self._carry_out(attempt, decision, stored, native, locked=True)
 
+    def _start_challenge(
+        self, attempt: Attempt, cached: Mapping[str, JsonKey] | None
+    ) -> Started[str | None] | None:
+        """Synapse's UIA, started before the stored state is read where the cached keys
+        forecast a challenge, so that the challenge is ready when the decision is. A
+        challenge takes Synapse's UIA several database round trips; the read no longer adds
+        its own to them."""
+        if cached is None:
+            return None
+        # The cache holds no window: the forecast takes it as closed.
+        from_cache = self._facts(attempt, cached, None, cached)
+        if not policy.expects_challenge(self._toggles, from_cache, attempt.auth_sent):
+            return None
+        return self._synapse.start(
+            self._synapse.keys.user_interactive_auth,
+            attempt.caller,
+            attempt.request,
+            attempt.body,
+            UIA_DESCRIPTION,
+        )
+
     def _facts(
-        self, attempt: Attempt, stored: StoredState, cached: Mapping[str, JsonKey] | None
+        self,
+        attempt: Attempt,
+        stored: Mapping[str, JsonKey],
+        window_expires_ms: int | None,
+        cached: Mapping[str, JsonKey] | None,
     ) -> Facts:
         return Facts(
             requested=attempt.requested,
-            stored=stored.keys,
+            stored=stored,
             is_appservice=attempt.caller.is_appservice,
             delegated_auth=self._synapse.delegated_auth,
-            window_expires_ms=stored.window_expires_ms,
+            window_expires_ms=window_expires_ms,
             now_ms=self._synapse.now_ms(),
             can_do_uia=attempt.caller.has_user_token,
             cache_missed=cached is None,
@@ -131,10 +167,11 @@ class UploadHandler:
         native: Native,
         *,
         locked: bool,
+        challenge: Started[str | None] | None = None,
     ) -> Answer:
+        if decision.refresh_cache and not policy.needs_lock(decision, attempt.auth_sent):
+            self._synapse.keys.warm_cache(attempt.user_id)
         if decision.action is Action.NOTHING:
-            if decision.refresh_cache:
-                self._synapse.keys.warm_cache(attempt.user_id)
             return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
         written = policy.changed_keys(attempt.requested, stored.keys)
         validation.check_replacements(written, stored.keys, stored.taken_device_ids)
@@ -154,7 +191,7 @@ class UploadHandler:
             )
         session_id = None
         if decision.action is Action.REQUIRE_UIA:
-            session_id = await self._user_interactive_auth(attempt)
+            session_id = await self._user_interactive_auth(attempt, challenge)
         if not written:
             return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
         if not locked:
@@ -171,18 +208,24 @@ class UploadHandler:
         await self._after_write(attempt, decision.rule, stored, written)
         return self._answer(attempt, decision.rule, UploadOutcome.UPLOADED)
 
-    async def _user_interactive_auth(self, attempt: Attempt) -> str | None:
-        """Synapse's UIA, and with `strict_uia_sessions` the session's verdict; the session
-        that authorises the write. Raises the challenge (a 401) until the user has
-        authenticated."""
+    async def _user_interactive_auth(
+        self, attempt: Attempt, started: Started[str | None] | None
+    ) -> str | None:
+        """Synapse's UIA (or its result, where `_start_challenge` started it), and with
+        `strict_uia_sessions` the session's verdict; the session that authorises the write.
+        Raises the challenge (a 401) until the user has authenticated."""
         validation.check_uia_auth(attempt.body.get("auth"))
-        if self._sessions is None:
-            await self._synapse.keys.user_interactive_auth(
+        if started is not None:
+            uia = started.result()
+        else:
+            uia = self._synapse.keys.user_interactive_auth(
                 attempt.caller, attempt.request, attempt.body, UIA_DESCRIPTION
             )
+        if self._sessions is None:
+            await uia
             return None
         return await self._sessions.authenticate(
-            attempt.caller, attempt.request, attempt.body, attempt.requested
+            uia, attempt.caller, attempt.request, attempt.body, attempt.requested
         )
 
     async def _write(

@@ -33,6 +33,7 @@ from synapse_xsign_uia._synapse.keys import (
     latest_master_keys,
     set_window_expiry,
 )
+from synapse_xsign_uia._synapse.reactor import Started
 from synapse_xsign_uia._synapse.requests import Caller
 from synapse_xsign_uia._synapse.servlets import Native, NativeServlet, was_built
 from synapse_xsign_uia._synapse.support import (
@@ -73,6 +74,7 @@ __all__ = [
     "Native",
     "NativeServlet",
     "ResyncFailure",
+    "Started",
     "StoredState",
     "Synapse",
     "check_internals",

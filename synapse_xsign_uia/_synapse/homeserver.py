@@ -15,7 +15,12 @@ from synapse.module_api import DirectServeJsonResource
 from synapse_xsign_uia._synapse.device_lists import DeviceLists
 from synapse_xsign_uia._synapse.keys import CrossSigningKeys
 from synapse_xsign_uia._synapse.notices import ServerNotices
-from synapse_xsign_uia._synapse.reactor import run_in_background, sleep
+from synapse_xsign_uia._synapse.reactor import (
+    Started,
+    run_after_response,
+    run_in_background,
+    sleep,
+)
 from synapse_xsign_uia._synapse.requests import Requests
 from synapse_xsign_uia._synapse.servlets import (
     AdminRoute,
@@ -202,6 +207,22 @@ class Synapse:
         self, desc: str, func: Callable[..., Awaitable[object]], *args: Any
     ) -> None:
         run_in_background(self._api, desc, func, *args)
+
+    def run_after_response(
+        self,
+        request: SynapseRequest,
+        desc: str,
+        func: Callable[..., Awaitable[object]],
+        *args: Any,
+    ) -> None:
+        """Run `func(*args)` in the background once the response to `request` is on its
+        way, so that its work does not hold the response up."""
+        run_after_response(self._api, self._hs.get_reactor(), request, desc, func, *args)
+
+    def start(self, func: Callable[..., Awaitable[T]], *args: Any) -> Started[T]:
+        """Start `func(*args)` now, for the request being served, to await or discard once
+        the request has done what it does meanwhile."""
+        return Started(func, *args)
 
     def run_periodically(self, desc: str, func: Callable[[], Awaitable[object]], ms: int) -> None:
         """Run `func` every `ms` milliseconds in this process."""

@@ -136,6 +136,28 @@ def test_grant_then_replace_once_without_uia(
     assert len(log_lines(server, "replaced through an admin-granted window", *who)) == 1
 
 
+def ui_auth_sessions(server: SynapseServer) -> int:
+    with closing(sqlite3.connect(server.directory / "homeserver.db", timeout=30)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM ui_auth_sessions").fetchone()[0])
+
+
+def test_a_window_opened_after_challenges_wins_over_the_challenge_they_forecast(
+    server: SynapseServer, admin: User, user: User
+) -> None:
+    """Challenges fill Synapse's cache of the user's keys, from which the module forecasts
+    the next challenge and has Synapse's UIA build it while the stored state is read. The
+    cache holds no window: the stored state decides, and the upload is written without UIA."""
+    with_keys(user)
+    assert_challenge(user.upload(user.keys().body()))
+    assert_challenge(user.upload(user.keys().body()))
+    assert grant(admin, user.user_id, {}).status_code == 200
+    sessions = ui_auth_sessions(server)
+    assert_replaced_without_uia(user)
+    # The forecast was made (a UIA session built for it), and its challenge not answered.
+    assert ui_auth_sessions(server) == sessions + 1
+    assert not server.log_lines("Unhandled error in Deferred")
+
+
 def test_grant_with_no_body(admin: User, user: User) -> None:
     with_keys(user)
     before = now_ms()

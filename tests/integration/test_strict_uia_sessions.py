@@ -336,3 +336,8 @@ def test_a_challenge_from_one_process_is_bound_on_another(deployment: WorkerDepl
     laptop = User(worker_url, user.user_id, on_main.access_token, "LAPTOP", user.password)
     assert_fresh_challenge(with_session(laptop, asked, session), session)
     assert stored_master(user) == keys.master.public
+    # The session alone, with the keys it was offered for, on main, which did not offer it:
+    # main knows what the worker offered only from the worker's record of it.
+    response = with_session(user, asked, session)
+    assert (response.status_code, response.json()) == (200, {}), response.text
+    assert stored_master(user) == asked.master.public

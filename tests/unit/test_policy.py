@@ -23,6 +23,7 @@ from synapse_xsign_uia.policy import (
     consequences,
     decide,
     decide_early,
+    expects_challenge,
     is_identical,
     judge_uia_session,
     needs_lock,
@@ -147,10 +148,22 @@ def test_row7_refused_when_the_requester_cannot_do_uia() -> None:
     assert decide(ON, attrs.evolve(f, delegated_auth=True)).action is Action.DELEGATE
 
 
-def test_an_identical_reupload_missing_from_the_cache_refreshes_it() -> None:
+def test_an_identical_reupload_or_a_challenge_missing_from_the_cache_refreshes_it() -> None:
     f = facts(requested={"master": MASTER}, stored={"master": MASTER}, cache_missed=True)
     assert decide(ON, f) == Decision(Rule.IDENTICAL_REUPLOAD, Action.NOTHING, refresh_cache=True)
     f = facts(requested={"master": OTHER_MASTER}, stored={"master": MASTER}, cache_missed=True)
+    assert decide(ON, f) == Decision(Rule.UIA, Action.REQUIRE_UIA, refresh_cache=True)
+    assert decide(ON, attrs.evolve(f, cache_missed=False)).refresh_cache is False
+    # Writes without UIA make the cache stale again: nothing to refresh.
+    f = facts(requested={"master": MASTER}, stored={}, cache_missed=True)
+    assert decide(ON, f).refresh_cache is False
+    f = facts(
+        requested={"master": OTHER_MASTER},
+        stored={"master": MASTER},
+        cache_missed=True,
+        window_expires_ms=1,
+        now_ms=0,
+    )
     assert decide(ON, f).refresh_cache is False
 
 
@@ -427,3 +440,49 @@ def test_a_decision_made_without_the_lock_never_writes(
         )
     if decision.action is Action.UPLOAD:
         assert needs_lock(decision, auth_sent)
+
+
+@given(toggles, all_facts, st.booleans())
+def test_a_challenge_is_forecast_only_where_the_cache_decides_one(
+    t: Toggles, f: Facts, auth_sent: bool
+) -> None:
+    """The forecast is the decision on the cached keys: a challenge, to a request without
+    `auth`; never for one with `auth`, which UIA may pass."""
+    forecast = expects_challenge(t, f, auth_sent)
+    assert forecast is (not auth_sent and decide(t, f).action is Action.REQUIRE_UIA)
+    if forecast:
+        assert not needs_lock(decide(t, f), auth_sent)
+
+
+def test_a_challenge_forecast_from_the_cache_yields_to_an_open_window() -> None:
+    """The cache holds no window: the forecast is a challenge, the decision on the stored
+    state (an admin window open) an upload without UIA."""
+    stored = {"master": {"keys": {"ed25519:A": "A"}}}
+    requested = {"master": {"keys": {"ed25519:B": "B"}}}
+    from_cache = Facts(requested=requested, stored=stored, now_ms=1_000)
+    assert expects_challenge(Toggles(), from_cache, auth_sent=False)
+    from_database = attrs.evolve(from_cache, window_expires_ms=2_000)
+    assert decide(Toggles(), from_database) == Decision(Rule.REPLACEMENT_WINDOW, Action.UPLOAD)
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        # No stored master key: a first upload, written without UIA.
+        (Facts(requested={"master": {"k": 1}}, stored={}), False),
+        # The same keys: answered "already stored".
+        (Facts(requested={"master": {"k": 1}}, stored={"master": {"k": 1}}), False),
+        (Facts(requested={"master": {"k": 2}}, stored={"master": {"k": 1}}), True),
+        (
+            Facts(requested={"master": {"k": 2}}, stored={"master": {"k": 1}}, can_do_uia=False),
+            False,
+        ),
+        (
+            Facts(requested={"master": {"k": 2}}, stored={"master": {"k": 1}}, delegated_auth=True),
+            False,
+        ),
+    ],
+)
+def test_which_requests_are_forecast_a_challenge(facts: Facts, expected: bool) -> None:
+    assert expects_challenge(Toggles(), facts, auth_sent=False) is expected
+    assert not expects_challenge(Toggles(), facts, auth_sent=True)

@@ -73,6 +73,10 @@ class Clock:
         return self.now
 
 
+# Without workers an offer stays in memory: the request it answered plays no part.
+NO_REQUEST = cast(Any, None)
+
+
 def caller(device_id: str) -> Any:
     return SimpleNamespace(user_id="@a:hs", device_id=device_id)
 
@@ -82,10 +86,10 @@ def test_offers_in_memory_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     sessions = UiaSessions(cast(Any, clock), cast(Any, None))
     for n in range(5):
-        sessions.offered(f"S{n}", caller("PHONE"), KEYS)
+        sessions.offered(f"S{n}", caller("PHONE"), KEYS, NO_REQUEST)
     assert list(sessions._offers) == ["S2", "S3", "S4"]
     # The first offer of a session counts.
-    sessions.offered("S4", caller("LAPTOP"), {})
+    sessions.offered("S4", caller("LAPTOP"), {}, NO_REQUEST)
     assert sessions._offers["S4"].device_id == "PHONE"
     assert sessions._offers["S4"].keys_hash == keys_fingerprint(KEYS)
 
@@ -93,7 +97,7 @@ def test_offers_in_memory_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_offers_are_forgotten_with_synapse_s_session(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     sessions = UiaSessions(cast(Any, clock), cast(Any, None))
-    sessions.offered("OLD", caller("PHONE"), KEYS)
+    sessions.offered("OLD", caller("PHONE"), KEYS, NO_REQUEST)
     clock.now += uia_sessions.SESSION_LIFETIME_MS + 1
-    sessions.offered("NEW", caller("PHONE"), KEYS)
+    sessions.offered("NEW", caller("PHONE"), KEYS, NO_REQUEST)
     assert list(sessions._offers) == ["NEW"]
