@@ -170,7 +170,7 @@ class UploadHandler:
         challenge: Started[str | None] | None = None,
     ) -> Answer:
         if decision.refresh_cache and not policy.needs_lock(decision, attempt.auth_sent):
-            self._synapse.keys.warm_cache(attempt.user_id)
+            self._synapse.keys.warm_cache(attempt.user_id, attempt.request)
         if decision.action is Action.NOTHING:
             return self._answer(attempt, decision.rule, UploadOutcome.NOTHING_WRITTEN)
         written = policy.changed_keys(attempt.requested, stored.keys)

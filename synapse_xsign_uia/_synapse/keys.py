@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from synapse_xsign_uia._synapse.locks import UserLocks
-from synapse_xsign_uia._synapse.reactor import run_in_background
+from synapse_xsign_uia._synapse.reactor import run_after_response
 from synapse_xsign_uia._synapse.requests import Caller
 from synapse_xsign_uia._synapse.support import keys_cache_function, resolve
 
@@ -135,10 +135,14 @@ class CrossSigningKeys:
         stored = hit or {}
         return {key_type: stored[key_type] for key_type in key_types if key_type in stored}
 
-    def warm_cache(self, user_id: str) -> None:
-        """Fill Synapse's cache of the user's keys in the background."""
-        run_in_background(
+    def warm_cache(self, user_id: str, request: SynapseRequest) -> None:
+        """Fill Synapse's cache of the user's keys in the background, once the response to
+        `request` is on its way. Through Synapse's own cached function, which drops what it
+        read if the cache was invalidated meanwhile."""
+        run_after_response(
             self._api,
+            self._hs.get_reactor(),
+            request,
             "synapse_xsign_uia_warm_keys_cache",
             self._store.get_e2e_cross_signing_keys_bulk,
             [user_id],
