@@ -20,8 +20,11 @@ async def fail() -> int:
 
 
 def settle(coroutine: Any) -> Any:
-    """The result of a coroutine that awaits nothing still pending."""
-    return defer.ensureDeferred(coroutine).result
+    """What a coroutine that awaits nothing still pending returns, or the Failure of what it
+    raises (handled here, so that Twisted does not report it)."""
+    outcomes: list[Any] = []
+    defer.ensureDeferred(coroutine).addBoth(outcomes.append)
+    return outcomes[0]
 
 
 def test_started_work_gives_its_result_once() -> None:
@@ -29,14 +32,11 @@ def test_started_work_gives_its_result_once() -> None:
     assert settle(started.result()) == 7
     again = settle(started.result())
     assert again.check(RuntimeError)
-    again.trap(RuntimeError)
 
 
 def test_started_work_raises_what_it_raised() -> None:
     started = Started(fail)
-    failure = settle(started.result())
-    assert failure.check(ValueError)
-    failure.trap(ValueError)
+    assert settle(started.result()).check(ValueError)
 
 
 def test_discarded_work_drops_its_failure() -> None:
