@@ -181,6 +181,13 @@ def _save_uia_session(cursor: Any, offer: SessionOffer, spent_at_ms: int | None)
     )
 
 
+def spend_uia_session_txn(cursor: Any, offer: SessionOffer, now_ms: int) -> None:
+    """Inside the transaction of the write a session authorises: mark the session as having
+    authorised it, recording it now if it was not (a session created by a request that brought
+    its own credentials). A write that fails undoes it: the session used nothing."""
+    _save_uia_session(cursor, offer, now_ms)
+
+
 class LockLost(Exception):
     """The lease on a user's lock ended while this process held it (it stalled for longer
     than the lease, and another process took the lock): what it was writing is not written."""
@@ -406,15 +413,6 @@ class Store:
 
         record: UiaSessionRecord | None = await self._run_statement("uia_session", txn)
         return record
-
-    async def spend_uia_session(self, offer: SessionOffer, now_ms: int) -> None:
-        """Mark the session as having authorised a write; recorded now if it was not (a
-        session created by a request that brought its own credentials)."""
-        await self._run_statement("spend_uia_session", _save_uia_session, offer, now_ms)
-
-    async def unspend_uia_session(self, session_id: str) -> None:
-        sql = f"UPDATE {UIA_SESSIONS_TABLE} SET used_at_ms = NULL WHERE session_id = ?"
-        await self._execute("unspend_uia_session", sql, (session_id,))
 
     async def delete_uia_sessions_before(self, before_ms: int) -> int:
         """Delete the records of sessions created before `before_ms`; how many."""

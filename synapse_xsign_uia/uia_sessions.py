@@ -5,7 +5,7 @@ Synapse keeps a completed UIA session for 48 hours and lets a request that carri
 ID through again, from any device of the user, whatever the request asks for. For this
 endpoint the module remembers, for each challenge it sends, the device it went to and the
 keys it was for; when UIA has passed it asks `policy` whether the session may authorise this
-write, and before the keys are stored it marks the session spent.
+write, and it marks the session spent in the transaction that stores the keys.
 
 Spent sessions are recorded in a table of the module's, so that they hold across processes
 and restarts; with workers, what each challenge was for is recorded there too (in the
@@ -19,12 +19,12 @@ import collections
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from synapse_xsign_uia import policy
 from synapse_xsign_uia.policy import JsonKey, SessionVerdict, UiaSessionRecord
-from synapse_xsign_uia.store import SessionOffer
+from synapse_xsign_uia.store import SessionOffer, spend_uia_session_txn
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -199,19 +199,20 @@ class UiaSessions:
             )
         return verdict
 
-    async def spend(
+    def spending(
         self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey]
-    ) -> None:
-        """The session authorises a write: from now on it authorises nothing more. Called
-        under the upload lock, before the write, so that a session is never used twice
-        even if recording it fails."""
+    ) -> Callable[[Any], None]:
+        """What the write the session authorises runs in its own transaction to mark the
+        session spent: the keys and the spending are stored together or not at all, so a
+        session never authorises two writes, and a write that fails uses nothing."""
         # The record keeps what the session was offered for, if this process offered it.
         offer = self._offers.get(session_id) or self._offer(session_id, caller, requested)
-        await self._store.spend_uia_session(offer, self._synapse.now_ms())
+        now_ms = self._synapse.now_ms()
 
-    async def unspend(self, session_id: str) -> None:
-        """The write the session was spent on failed: it wrote nothing, so it used nothing."""
-        await self._store.unspend_uia_session(session_id)
+        def spend(cursor: Any) -> None:
+            spend_uia_session_txn(cursor, offer, now_ms)
+
+        return spend
 
     async def expire(self) -> None:
         try:

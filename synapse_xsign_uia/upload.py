@@ -231,16 +231,18 @@ class UploadHandler:
     async def _write(
         self, attempt: Attempt, written: Mapping[str, JsonKey], session_id: str | None
     ) -> None:
+        """Store the keys, in one transaction with the renewal of the lock's lease (with
+        workers) and the spending of the UIA session that authorised them
+        (`strict_uia_sessions`)."""
+        in_transaction = []
         fence = self._lock.fence(attempt.user_id)
-        if self._sessions is None or session_id is None:
-            await self._synapse.keys.store(attempt.user_id, written, fence)
-            return
-        await self._sessions.spend(session_id, attempt.caller, attempt.requested)
-        try:
-            await self._synapse.keys.store(attempt.user_id, written, fence)
-        except BaseException:
-            await self._sessions.unspend(session_id)
-            raise
+        if fence is not None:
+            in_transaction.append(fence)
+        if self._sessions is not None and session_id is not None:
+            in_transaction.append(
+                self._sessions.spending(session_id, attempt.caller, attempt.requested)
+            )
+        await self._synapse.keys.store(attempt.user_id, written, in_transaction)
 
     async def _after_write(
         self, attempt: Attempt, rule: Rule, stored: StoredState, written: Mapping[str, JsonKey]

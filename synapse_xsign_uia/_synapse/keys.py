@@ -5,7 +5,7 @@ transaction, and the replacement-window column of the master key's row."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -202,11 +202,11 @@ class CrossSigningKeys:
         self,
         user_id: str,
         keys: Mapping[str, JsonKey],
-        also: Callable[[Any], None] | None = None,
+        also: Sequence[Callable[[Any], None]] = (),
     ) -> None:
         """Store `keys` (by key type, checked by the caller) in one database transaction,
-        then tell what Synapse tells after an upload. `also(cursor)` runs first in the same
-        transaction; what it raises undoes the write.
+        then tell what Synapse tells after an upload. Each of `also(cursor)` runs first, in
+        order, in the same transaction; what one raises undoes the write.
 
         Synapse's own `upload_signing_keys_for_user` stores each key type in a transaction of
         its own: a failure between two of them leaves half an identity. Here the rows of
@@ -237,10 +237,10 @@ class CrossSigningKeys:
         txn: Any,
         user_id: str,
         rows: list[tuple[tuple[str, JsonKey], int]],
-        also: Callable[[Any], None] | None,
+        also: Sequence[Callable[[Any], None]],
     ) -> None:
-        if also is not None:
-            also(txn)
+        for step in also:
+            step(txn)
         for (key_type, key), stream_id in rows:
             self._store._set_e2e_cross_signing_key_txn(txn, user_id, key_type, key, stream_id)
 
