@@ -110,7 +110,8 @@ class UploadHandler:
                     )
         finally:
             if challenge is not None:
-                challenge.discard()
+                # Not answered: Synapse's UIA ends before the request goes on or ends.
+                await challenge.discard()
         async with self._lock.hold(caller.user_id):
             # Decided again: another request may have written the keys meanwhile.
             stored = await keys.stored_state(caller.user_id, public_keys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -11,6 +12,8 @@ from twisted.internet import defer
 
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
+
+logger = logging.getLogger(__name__)
 
 
 def run_in_background(
@@ -65,8 +68,8 @@ class Started(Generic[T]):
     result is then either awaited or discarded."""
 
     def __init__(self, func: Callable[..., Awaitable[T]], *args: Any) -> None:
-        # In a child of the request's logcontext, as Synapse runs concurrent work of a
-        # request: its database time still counts for the request.
+        # In the request's logcontext, as Synapse runs concurrent work of a request: its
+        # database time counts for the request.
         self._deferred: defer.Deferred[T] = _start_in_logcontext(func, *args)
         self._settled = False
 
@@ -77,13 +80,18 @@ class Started(Generic[T]):
         self._settled = True
         return await make_deferred_yieldable(self._deferred)  # type: ignore[no-any-return]
 
-    def discard(self) -> None:
-        """Let the work finish unobserved: what it raises is dropped, not logged as an
-        unhandled error. Does nothing once the result was awaited."""
+    async def discard(self) -> None:
+        """Wait for the work to end and drop its outcome. It runs in the request's
+        logcontext, which must not finish before it does. Does nothing once the result was
+        awaited."""
         if self._settled:
             return
         self._settled = True
-        self._deferred.addErrback(lambda _: None)
+        try:
+            await make_deferred_yieldable(self._deferred)
+        except Exception:
+            # Whatever it raised answers a question the request no longer asks.
+            logger.debug("Dropped the outcome of work started for a request", exc_info=True)
 
 
 async def sleep(reactor: Any, seconds: float) -> None:

@@ -247,6 +247,23 @@ def login_with_device(server: SynapseServer, user: User, device_id: str) -> User
     )
 
 
+def test_a_refusal_after_a_forecast_challenge_waits_for_it_and_logs_no_error(
+    server: SynapseServer,
+) -> None:
+    """Challenges fill Synapse's cache, from which the next one is forecast and built beside
+    the read; the read then finds the new key's ID taken by a device: 403, and the challenge
+    built meanwhile is dropped within the request."""
+    user = register_user(server.base_url, server.shared_secret)
+    assert user.upload_with_uia(user.keys().body()).status_code == 200
+    assert user.upload(user.keys().body()).status_code == 401
+    assert user.upload(user.keys().body()).status_code == 401
+    keys = user.keys()
+    login_with_device(server, user, keys.master.public)
+    assert assert_error(user.upload(keys.body()), 403, "M_FORBIDDEN")["error"] == "Key ID in use"
+    assert not server.log_lines("Unhandled error in Deferred")
+    assert not server.log_lines("finished log context")
+
+
 def test_key_id_in_use_by_a_device(server: SynapseServer, native_server: SynapseServer) -> None:
     user = register_user(server.base_url, server.shared_secret)
     keys = user.keys()
