@@ -7,10 +7,9 @@ import argparse
 import json
 import random
 import statistics
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,25 +96,6 @@ def password_auth(replacement: Replacement, session: str) -> dict[str, Any]:
         "password": replacement.password,
         "session": session,
     }
-
-
-def run_parallel(jobs: Sequence[Callable[[], object]]) -> None:
-    """Each job in a thread of its own; the first exception, if any, once all have ended."""
-    errors: list[BaseException] = []
-
-    def wrap(job: Callable[[], object]) -> None:
-        try:
-            job()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def quantile(values: Sequence[float], q: float) -> float:

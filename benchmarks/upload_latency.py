@@ -59,10 +59,10 @@ from benchmarks._shared import (
     encode,
     password_auth,
     print_comparison,
-    run_parallel,
     timed_post,
 )
 from tests.harness.client import UPLOAD_PATH, CrossSigningKeys, register_user
+from tests.harness.parallel import run_parallel
 from tests.harness.server import SynapseServer
 
 PATHS = ("identical_reupload", "first_upload", "uia_challenge", "replacement")

@@ -58,7 +58,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import requests
@@ -78,7 +78,6 @@ from benchmarks._shared import (
     password_auth,
     print_comparison,
     quantile,
-    run_parallel,
     timed_post,
 )
 from tests.harness.client import (
@@ -87,6 +86,7 @@ from tests.harness.client import (
     User,
     register_user,
 )
+from tests.harness.parallel import run_parallel
 from tests.harness.workers import (
     SynapseProcess,
     WorkerDeployment,
@@ -96,6 +96,7 @@ from tests.harness.workers import (
 
 PATHS = ("identical_reupload", "first_upload", "uia_challenge", "replacement")
 SIDES = ("native", "module")
+T = TypeVar("T")
 PHASES = ("latency", "storm", "race", "dbwork")
 
 # Registration goes through the main process (Synapse serves its admin API there only);
@@ -152,6 +153,17 @@ def make_side(name: str, args: argparse.Namespace) -> Side:
         log_config_template=None if args.unbuffered_log else STOCK_LOG_CONFIG,
     )
     return Side(name, deployment)
+
+
+def for_each_side(sides: dict[str, Side], job: Callable[[Side], T]) -> dict[str, T]:
+    """`job` for each side, the sides side by side; what it returns, by side name."""
+    results: dict[str, T] = {}
+
+    def one(name: str) -> None:
+        results[name] = job(sides[name])
+
+    run_parallel([functools.partial(one, name) for name in SIDES])
+    return results
 
 
 def find_serving(side: Side) -> None:
@@ -342,15 +354,11 @@ def run_latency(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, A
             "measured through the main process only)"
         )
     fresh_users = args.rounds + args.warmup
-    endpoints: dict[str, dict[str, Endpoint]] = {name: {} for name in SIDES}
     started = time.monotonic()
-
-    def prepare(name: str) -> None:
-        side = sides[name]
-        for process in side.serving:
-            endpoints[name][process.name] = prepare_endpoint(side, process, fresh_users)
-
-    run_parallel([functools.partial(prepare, name) for name in SIDES])
+    endpoints = for_each_side(
+        sides,
+        lambda side: {p.name: prepare_endpoint(side, p, fresh_users) for p in side.serving},
+    )
     print(
         f"   {fresh_users} rounds' users prepared per process and side in "
         f"{time.monotonic() - started:.0f}s"
@@ -561,13 +569,8 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
         f"\n== storm: {args.storm_users} first uploads per side, {args.storm_clients} clients, "
         f"round-robin over {', '.join(p.name for p in sides['native'].serving)}"
     )
-    prepared: dict[str, list[Prepared]] = {}
-
-    def prepare(name: str) -> None:
-        prepared[name] = register_many(sides[name], args.storm_users, fresh)
-
     started = time.monotonic()
-    run_parallel([functools.partial(prepare, name) for name in SIDES])
+    prepared = for_each_side(sides, lambda side: register_many(side, args.storm_users, fresh))
     print(f"   users prepared in {time.monotonic() - started:.0f}s")
     load_before = os.getloadavg()
     legs = abba(
@@ -684,13 +687,8 @@ def run_race(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]
         f"\n== race: {args.storm_users} users per side each send two different first uploads "
         f"at once ({where}), {args.storm_clients} clients"
     )
-    users: dict[str, list[RaceUser]] = {}
-
-    def prepare(name: str) -> None:
-        users[name] = register_many(sides[name], args.storm_users, race_user)
-
     started = time.monotonic()
-    run_parallel([functools.partial(prepare, name) for name in SIDES])
+    users = for_each_side(sides, lambda side: register_many(side, args.storm_users, race_user))
     print(f"   users prepared in {time.monotonic() - started:.0f}s")
     halves: dict[str, tuple[Any, Any]] = {}
     for name in SIDES:
@@ -843,12 +841,7 @@ def run_dbwork(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, An
         f"\n== dbwork: {k} requests of each path through {process['native'].name}, one at a "
         f"time; counted by pg_stat_statements and pg_stat_database, autovacuum off"
     )
-    endpoints: dict[str, Endpoint] = {}
-
-    def prepare(name: str) -> None:
-        endpoints[name] = prepare_endpoint(sides[name], process[name], k)
-
-    run_parallel([functools.partial(prepare, name) for name in SIDES])
+    endpoints = for_each_side(sides, lambda side: prepare_endpoint(side, process[side.name], k))
     counters = {name: DatabaseCounters(side.deployment) for name, side in sides.items()}
     windows: dict[str, dict[str, Window]] = {name: {} for name in SIDES}
 

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.harness.client import User, register_user
+from tests.harness.parallel import run_parallel
 from tests.harness.server import SynapseServer, free_port
 
 CLIENT = "/_matrix/client/v3"
@@ -215,23 +216,12 @@ class Pair:
 
 def start_all(*servers: SynapseServer) -> None:
     """Start the servers side by side (each takes a few seconds)."""
-    errors: list[BaseException] = []
-
-    def run(server: SynapseServer) -> None:
-        try:
-            server.start()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(server,)) for server in servers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
+    try:
+        run_parallel([server.start for server in servers])
+    except BaseException:
         for server in servers:
             server.stop()
-        raise errors[0]
+        raise
 
 
 def share_room(host_user: User, host: SynapseServer, *guests: User, timeout: float = 60) -> str:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import requests
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
+from tests.harness.parallel import run_parallel
 from tests.harness.server import MODULE, base_config, deep_merge, free_port, write_log_config
 
 # Set by CI: a missing PostgreSQL or Redis is then a failure, not a skip.
@@ -436,21 +436,7 @@ class WorkerDeployment:
 
     def _start_workers(self) -> None:
         # Side by side: each takes seconds, mostly spent importing Synapse.
-        errors: list[BaseException] = []
-
-        def run(worker: SynapseProcess) -> None:
-            try:
-                worker.start()
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(worker,)) for worker in self.workers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        run_parallel([worker.start for worker in self.workers])
 
     def stop(self, cleanup: bool = True) -> None:
         for worker in self.workers:
