@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from synapse_xsign_uia._synapse import Synapse
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Who granted which window: Synapse's column holds only the expiry, and the replacement that
 # uses a window may happen on another worker or after a restart.
@@ -188,6 +190,13 @@ def spend_uia_session_txn(cursor: Any, offer: SessionOffer, now_ms: int) -> None
     _save_uia_session(cursor, offer, now_ms)
 
 
+@attrs.frozen
+class LockTaken(Generic[T]):
+    """A user's lock, taken, and what was read in the same database interaction."""
+
+    read: T
+
+
 class LockLost(Exception):
     """The lease on a user's lock ended while this process held it (it stalled for longer
     than the lease, and another process took the lock): what it was writing is not written."""
@@ -303,7 +312,8 @@ class Store:
         return await self._synapse.run_db_interaction(f"synapse_xsign_uia_{desc}", txn, *args)
 
     async def _run_statement(self, desc: str, statement: Any, *args: Any) -> Any:
-        """`_run` for a function that executes one statement."""
+        """`_run` for a function whose statements each stand on their own, without a
+        transaction around them."""
         await self.create_tables()
         return await self._synapse.run_db_statement(f"synapse_xsign_uia_{desc}", statement, *args)
 
@@ -422,18 +432,33 @@ class Store:
     # The lock on writing a user's keys, across processes.
 
     async def try_lock_user(
-        self, user_id: str, holder: str, token: str, now_ms: int, expires_ms: int
-    ) -> bool:
+        self,
+        user_id: str,
+        holder: str,
+        token: str,
+        now_ms: int,
+        expires_ms: int,
+        then: Callable[[Any], T],
+    ) -> LockTaken[T] | None:
         """Take the user's lock for `token` until `expires_ms`, if nobody holds it or the
-        lease of whoever did has ended before `now_ms`."""
+        lease of whoever did has ended before `now_ms`; and then, in the same database
+        interaction, run `then(cursor)` (a read of what the lock guards): one trip through
+        Synapse's database threads rather than two. None when the lock was not taken."""
         sql = (
             f"INSERT INTO {USER_LOCKS_TABLE} AS held (user_id, holder, token, expires_ms)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
             " holder = excluded.holder, token = excluded.token,"
             " expires_ms = excluded.expires_ms WHERE held.expires_ms < ?"
         )
-        taken = await self._execute("lock_user", sql, (user_id, holder, token, expires_ms, now_ms))
-        return taken == 1
+
+        def statements(cursor: Any) -> LockTaken[T] | None:
+            cursor.execute(sql, (user_id, holder, token, expires_ms, now_ms))
+            if cursor.rowcount != 1:
+                return None
+            return LockTaken(then(cursor))
+
+        taken: LockTaken[T] | None = await self._run_statement("lock_user", statements)
+        return taken
 
     async def renew_user_locks(self, holder: str, expires_ms: int) -> None:
         """Extend the lease of every lock `holder` holds."""

@@ -8,6 +8,10 @@ that died, so that a crash mid-upload does not block the user's next upload, or 
 grant, for longer than that. Synapse's own cross-worker lock would hold them for two minutes.
 The write itself renews the lease in its own transaction (`fence`), so a process that stalled
 past its lease, and lost the lock to another, writes nothing.
+
+An upload reads the stored state in the database interaction that takes the lease, and
+gives the lock up once its response is on its way: the client waits for neither trip to the
+database.
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from synapse_xsign_uia.store import fence_user_lock_txn
 
 if TYPE_CHECKING:
+    from synapse.http.site import SynapseRequest
+
     from synapse_xsign_uia._synapse import Synapse
     from synapse_xsign_uia.store import Store
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +60,47 @@ class UserLock:
 
     @contextlib.asynccontextmanager
     async def hold(self, user_id: str) -> AsyncIterator[None]:
-        # The process lock first: waiters of this process queue here, not in the database.
-        async with self._synapse.keys.process_lock(user_id):
-            if not self._across_processes:
+        """The lock, given up before the caller goes on."""
+        if not self._across_processes:
+            # Nothing to read: no trip to the database.
+            async with self._synapse.keys.process_lock(user_id):
                 yield
+            return
+        async with self.hold_reading(user_id, _read_nothing):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def hold_reading(
+        self, user_id: str, read: Callable[[Any], T], request: SynapseRequest | None = None
+    ) -> AsyncIterator[T]:
+        """The lock, and what `read(cursor)` reads once it is held: with workers, in the
+        database interaction that takes the lease. With `request`, the lock is given up once
+        the response to it is on its way (a waiter of this process still waits for that);
+        without, before the caller goes on."""
+        async with contextlib.AsyncExitStack() as held:
+            # The process lock first: waiters of this process queue here, not in the database.
+            await held.enter_async_context(self._synapse.keys.process_lock(user_id))
+            if not self._across_processes:
+                yield await self._synapse.run_db_statement("synapse_xsign_uia_locked_read", read)
                 return
             token = secrets.token_hex(16)
-            await self._acquire(user_id, token)
+            state = await self._acquire(user_id, token, read)
             self._held[user_id] = token
             try:
-                yield
+                yield state
             finally:
                 del self._held[user_id]
-                await self._release(user_id, token)
+                if request is None:
+                    await self._release(user_id, token)
+                else:
+                    self._synapse.run_after_response(
+                        request,
+                        "synapse_xsign_uia_release_user_lock",
+                        self._release_then,
+                        user_id,
+                        token,
+                        held.pop_all(),
+                    )
 
     def fence(self, user_id: str) -> Callable[[Any], None] | None:
         """What a write for `user_id` runs in its own transaction to make sure this process
@@ -79,14 +115,15 @@ class UserLock:
 
         return fence
 
-    async def _acquire(self, user_id: str, token: str) -> None:
+    async def _acquire(self, user_id: str, token: str, read: Callable[[Any], T]) -> T:
         wait_s = FIRST_RETRY_S
         while True:
             now_ms = self._synapse.now_ms()
-            if await self._store.try_lock_user(
-                user_id, self._holder, token, now_ms, now_ms + LEASE_MS
-            ):
-                return
+            taken = await self._store.try_lock_user(
+                user_id, self._holder, token, now_ms, now_ms + LEASE_MS, read
+            )
+            if taken is not None:
+                return taken.read
             await self._synapse.sleep(wait_s)
             wait_s = min(wait_s * 2, LONGEST_RETRY_S)
 
@@ -97,6 +134,14 @@ class UserLock:
             # The lease ends on its own within seconds.
             logger.warning("Could not release the lock on %s's keys", user_id, exc_info=True)
 
+    async def _release_then(
+        self, user_id: str, token: str, process_lock: contextlib.AsyncExitStack
+    ) -> None:
+        """Release the lease, then the process lock, whose waiters would otherwise find the
+        lease still taken."""
+        async with process_lock:
+            await self._release(user_id, token)
+
     async def _renew(self) -> None:
         if not self._held:
             return
@@ -104,3 +149,7 @@ class UserLock:
             await self._store.renew_user_locks(self._holder, self._synapse.now_ms() + LEASE_MS)
         except Exception:
             logger.warning("Could not renew the locks this process holds", exc_info=True)
+
+
+def _read_nothing(_cursor: Any) -> None:
+    return None

@@ -233,8 +233,8 @@ class Synapse:
         return await self._api.run_db_interaction(desc, func, *args)
 
     async def run_db_statement(self, desc: str, func: Callable[..., T], *args: Any) -> T:
-        """Run `func(cursor, *args)`, which executes one statement, without a transaction
-        around it: one statement is atomic on its own, and a transaction costs two more round
-        trips to the database."""
+        """Run `func(cursor, *args)`, whose statements each stand on their own, without a
+        transaction around them: one statement is atomic on its own, and a transaction costs
+        two more round trips to the database. (On SQLite they run in one transaction.)"""
         result: T = await self._api.run_db_interaction(desc, func, *args, db_autocommit=True)
         return result

@@ -151,20 +151,29 @@ class CrossSigningKeys:
     async def stored_state(self, user_id: str, device_ids: Collection[str]) -> StoredState:
         """The latest key of each type, the master key's window, and which of `device_ids`
         the user already has (cross-signing keys take device IDs), read past Synapse's
-        caches, which another worker may not have invalidated yet.
+        caches, which another worker may not have invalidated yet."""
+        return await self._store.db_pool.runInteraction(  # type: ignore[no-any-return]
+            "synapse_xsign_uia_stored_state",
+            self.stored_state_reading(user_id, device_ids),
+            db_autocommit=True,
+        )
+
+    @staticmethod
+    def stored_state_reading(
+        user_id: str, device_ids: Collection[str]
+    ) -> Callable[[Any], StoredState]:
+        """`stored_state` as a step of a database interaction (`cursor` -> the state), for
+        an interaction that does something else first, such as taking the user's lock.
 
         One statement, so one consistent snapshot without a transaction around it: a
-        transaction costs two more round trips to PostgreSQL.
-        """
+        transaction costs two more round trips to PostgreSQL."""
         sql, args = _stored_state_query(user_id, device_ids)
 
-        def txn(cursor: Any) -> StoredState:
+        def read(cursor: Any) -> StoredState:
             cursor.execute(sql, args)
             return _stored_state(cursor.fetchall())
 
-        return await self._store.db_pool.runInteraction(  # type: ignore[no-any-return]
-            "synapse_xsign_uia_stored_state", txn, db_autocommit=True
-        )
+        return read
 
     async def user_interactive_auth(
         self, caller: Caller, request: SynapseRequest, body: Mapping[str, Any], description: str

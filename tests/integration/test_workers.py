@@ -170,12 +170,50 @@ def hold_lock(deployment: WorkerDeployment, user: User, lease_s: float) -> Any:
     )
     conn.autocommit = True
     with conn.cursor() as cursor:
+        # Over the lease of the user's last upload, if its release, which follows the
+        # response, has not happened yet.
         cursor.execute(
             "INSERT INTO synapse_xsign_uia_user_locks (user_id, holder, token, expires_ms)"
-            " VALUES (%s, 'elsewhere', 'held-by-test', %s)",
+            " VALUES (%s, 'elsewhere', 'held-by-test', %s) ON CONFLICT (user_id) DO UPDATE"
+            " SET holder = excluded.holder, token = excluded.token,"
+            " expires_ms = excluded.expires_ms",
             (user.user_id, int((time.time() + lease_s) * 1000)),
         )
     return conn
+
+
+def lease_rows(deployment: WorkerDeployment, user: User) -> int:
+    import psycopg2
+
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=deployment.postgres.port, user="postgres", dbname="synapse"
+    )
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM synapse_xsign_uia_user_locks WHERE user_id = %s",
+                (user.user_id,),
+            )
+            return int(cursor.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_write_gives_its_lease_up_after_answering(deployment: WorkerDeployment) -> None:
+    """An upload that wrote releases the lease it took once its response is on its way,
+    rather than leaving it to end; and the user's next writes, on the same process, take
+    the lock again."""
+    user = on(
+        register_user(deployment.main.base_url, deployment.shared_secret), upload_url(deployment)
+    )
+    assert user.upload(user.keys().body()).status_code == 200
+    deadline = time.monotonic() + 30
+    while lease_rows(deployment, user) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lease_rows(deployment, user) == 0, "the lease was left behind"
+    for _ in range(3):
+        response = user.upload_with_uia(user.keys().body())
+        assert response.status_code == 200, response.text
 
 
 def upload_in_background(user: User, result: dict[str, Any]) -> threading.Thread:
