@@ -86,7 +86,7 @@ class Decision:
     action: Action
     # Fill Synapse's cache of the user's keys, where it held nothing for the user, so that
     # the next identical re-upload is answered from it, before the lock, and the next
-    # challenge is forecast from it (`expects_challenge`). Only where the request is carried
+    # challenge is forecast from it (`forecast`). Only where the request is carried
     # out without a write (`needs_lock`): a write makes the cache stale again.
     refresh_cache: bool = False
 
@@ -186,20 +186,38 @@ def needs_lock(decision: Decision, auth_sent: bool) -> bool:
     return True
 
 
-def expects_challenge(toggles: Toggles, cached_facts: Facts, auth_sent: bool) -> bool:
-    """Whether a request is expected to be answered with a UIA challenge, judged from
-    Synapse's cache of the stored keys before the database is read (`cached_facts`: no
-    window, which the cache does not hold).
+class Forecast(enum.Enum):
+    """What Synapse's cache of the stored keys says a request will come to, before the
+    database is read; only so that the work the decision will need can start early."""
 
-    Only a forecast, so that Synapse's UIA can build the challenge while the stored state is
-    read: the decision is still `decide` on what the database holds, and a challenge built
-    for a request decided otherwise (an admin window is open, another process has just
-    written the keys) is not answered. Building one writes nothing but a UIA session that
-    nobody is sent, which Synapse expires. A request with `auth` is never forecast: UIA may
-    pass it, and must then run under the lock."""
-    if auth_sent:
-        return False
-    return decide(toggles, cached_facts).action is Action.REQUIRE_UIA
+    # A UIA challenge: Synapse's UIA builds it while the stored state is read.
+    CHALLENGE = "challenge"
+    # A write (`needs_lock`): the lock is taken at once, and the stored state read once,
+    # under it, rather than once to decide and again under the lock.
+    WRITE = "write"
+    # Neither, or the cache does not tell: the stored state is read first.
+    READ_FIRST = "read_first"
+
+
+def forecast(toggles: Toggles, cached_facts: Facts | None, auth_sent: bool) -> Forecast:
+    """The forecast of a request from Synapse's cache of the stored keys (`cached_facts`: no
+    window, which the cache does not hold; None when the cache holds nothing for the user).
+
+    Only a forecast: the decision is still `decide` on what the database holds. A challenge
+    built for a request decided otherwise (an admin window is open, another process has just
+    written the keys) is not answered; it leaves a UIA session that nobody is sent, which
+    Synapse expires. A request wrongly forecast to write holds the lock for nothing. A
+    request with `auth` is never forecast a challenge: UIA may pass it, and must then run
+    under the lock; with nothing cached it is forecast to write, as the answer to a
+    challenge."""
+    if cached_facts is None:
+        return Forecast.WRITE if auth_sent else Forecast.READ_FIRST
+    decision = decide(toggles, cached_facts)
+    if needs_lock(decision, auth_sent):
+        return Forecast.WRITE
+    if decision.action is Action.REQUIRE_UIA:
+        return Forecast.CHALLENGE
+    return Forecast.READ_FIRST
 
 
 class SessionVerdict(enum.Enum):

@@ -18,7 +18,7 @@ from synapse.module_api.errors import Codes, SynapseError
 from synapse_xsign_uia import metrics, policy, validation
 from synapse_xsign_uia.errors import matrix_error, read_json_body
 from synapse_xsign_uia.outcomes import AdminAction, UploadOutcome, UploadResult
-from synapse_xsign_uia.policy import Action, Decision, Facts, JsonKey, Rule, Toggles
+from synapse_xsign_uia.policy import Action, Decision, Facts, Forecast, JsonKey, Rule, Toggles
 from synapse_xsign_uia.uia_sessions import UIA_DESCRIPTION, SessionRefused, UiaSessions
 
 if TYPE_CHECKING:
@@ -96,44 +96,55 @@ class UploadHandler:
                 return self._answer(attempt, early.rule, UploadOutcome.NOTHING_WRITTEN)
             validation.check_keys(attempt.requested, caller.user_id)
         public_keys = [validation.public_key(key) for key in attempt.requested.values()]
-        challenge = self._start_challenge(attempt, cached)
-        try:
-            stored = await keys.stored_state(caller.user_id, public_keys)
-            decision = policy.decide(
-                self._toggles, self._facts(attempt, stored.keys, stored.window_expires_ms, cached)
-            )
-            if not policy.needs_lock(decision, attempt.auth_sent):
-                # Writes nothing: as if it had come just before any write now in progress.
-                with self._decision_logged(caller.user_id, decision.rule):
-                    return await self._carry_out(
-                        attempt, decision, stored, native, locked=False, challenge=challenge
-                    )
-        finally:
-            if challenge is not None:
-                # Not answered: Synapse's UIA ends before the request goes on or ends.
-                await challenge.discard()
-        async with self._lock.hold(caller.user_id):
-            # Decided again: another request may have written the keys meanwhile.
-            stored = await keys.stored_state(caller.user_id, public_keys)
+        cached_facts = None if cached is None else self._facts(attempt, cached, None, cached)
+        forecast = policy.forecast(self._toggles, cached_facts, attempt.auth_sent)
+        if forecast is not Forecast.WRITE:
+            answer = await self._without_lock(attempt, public_keys, cached, native, forecast)
+            if answer is not None:
+                return answer
+        reading = keys.stored_state_reading(caller.user_id, public_keys)
+        async with self._lock.hold_reading(caller.user_id, reading, request) as stored:
+            # Decided again where it was decided before: another request may have written
+            # the keys meanwhile.
             decision = policy.decide(
                 self._toggles, self._facts(attempt, stored.keys, stored.window_expires_ms, cached)
             )
             with self._decision_logged(caller.user_id, decision.rule):
                 return await self._carry_out(attempt, decision, stored, native, locked=True)
 
-    def _start_challenge(
-        self, attempt: Attempt, cached: Mapping[str, JsonKey] | None
-    ) -> Started[str | None] | None:
+    async def _without_lock(
+        self,
+        attempt: Attempt,
+        public_keys: list[str],
+        cached: Mapping[str, JsonKey] | None,
+        native: Native,
+        forecast: Forecast,
+    ) -> Answer | None:
+        """The answer to a request that writes nothing, decided on the stored state read
+        without the lock, as if it had come just before any write now in progress; None
+        where the decision may write, to be made again under the lock."""
+        challenge = self._start_challenge(attempt) if forecast is Forecast.CHALLENGE else None
+        try:
+            stored = await self._synapse.keys.stored_state(attempt.user_id, public_keys)
+            decision = policy.decide(
+                self._toggles, self._facts(attempt, stored.keys, stored.window_expires_ms, cached)
+            )
+            if policy.needs_lock(decision, attempt.auth_sent):
+                return None
+            with self._decision_logged(attempt.user_id, decision.rule):
+                return await self._carry_out(
+                    attempt, decision, stored, native, locked=False, challenge=challenge
+                )
+        finally:
+            if challenge is not None:
+                # Not answered: Synapse's UIA ends before the request goes on or ends.
+                await challenge.discard()
+
+    def _start_challenge(self, attempt: Attempt) -> Started[str | None]:
         """Synapse's UIA, started before the stored state is read where the cached keys
         forecast a challenge, so that the challenge is ready when the decision is. A
         challenge takes Synapse's UIA several database round trips; the read no longer adds
         its own to them."""
-        if cached is None:
-            return None
-        # The cache holds no window: the forecast takes it as closed.
-        from_cache = self._facts(attempt, cached, None, cached)
-        if not policy.expects_challenge(self._toggles, from_cache, attempt.auth_sent):
-            return None
         return self._synapse.start(
             self._synapse.keys.user_interactive_auth,
             attempt.caller,

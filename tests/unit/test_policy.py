@@ -15,6 +15,7 @@ from synapse_xsign_uia.policy import (
     Consequences,
     Decision,
     Facts,
+    Forecast,
     Rule,
     SessionVerdict,
     Toggles,
@@ -23,7 +24,7 @@ from synapse_xsign_uia.policy import (
     consequences,
     decide,
     decide_early,
-    expects_challenge,
+    forecast,
     is_identical,
     judge_uia_session,
     needs_lock,
@@ -443,15 +444,33 @@ def test_a_decision_made_without_the_lock_never_writes(
 
 
 @given(toggles, all_facts, st.booleans())
-def test_a_challenge_is_forecast_only_where_the_cache_decides_one(
+def test_the_forecast_is_the_decision_on_the_cached_keys(
     t: Toggles, f: Facts, auth_sent: bool
 ) -> None:
-    """The forecast is the decision on the cached keys: a challenge, to a request without
-    `auth`; never for one with `auth`, which UIA may pass."""
-    forecast = expects_challenge(t, f, auth_sent)
-    assert forecast is (not auth_sent and decide(t, f).action is Action.REQUIRE_UIA)
-    if forecast:
-        assert not needs_lock(decide(t, f), auth_sent)
+    """A write where the cached keys decide one that needs the lock; a challenge where they
+    decide one to a request without `auth`, never to one with `auth`, which UIA may pass."""
+    decision = decide(t, f)
+    expected = (
+        Forecast.WRITE
+        if needs_lock(decision, auth_sent)
+        else Forecast.CHALLENGE
+        if decision.action is Action.REQUIRE_UIA
+        else Forecast.READ_FIRST
+    )
+    assert forecast(t, f, auth_sent) is expected
+    if forecast(t, f, auth_sent) is Forecast.CHALLENGE:
+        assert not auth_sent
+
+
+@pytest.mark.parametrize(
+    ("auth_sent", "expected"), [(True, Forecast.WRITE), (False, Forecast.READ_FIRST)]
+)
+def test_with_nothing_cached_only_an_answer_to_a_challenge_is_forecast(
+    auth_sent: bool, expected: Forecast
+) -> None:
+    """With nothing cached, a request with `auth` is taken for the answer to a challenge,
+    which writes; one without may be a first upload or a challenge, read first."""
+    assert forecast(Toggles(), None, auth_sent) is expected
 
 
 def test_a_challenge_forecast_from_the_cache_yields_to_an_open_window() -> None:
@@ -460,29 +479,44 @@ def test_a_challenge_forecast_from_the_cache_yields_to_an_open_window() -> None:
     stored = {"master": {"keys": {"ed25519:A": "A"}}}
     requested = {"master": {"keys": {"ed25519:B": "B"}}}
     from_cache = Facts(requested=requested, stored=stored, now_ms=1_000)
-    assert expects_challenge(Toggles(), from_cache, auth_sent=False)
+    assert forecast(Toggles(), from_cache, auth_sent=False) is Forecast.CHALLENGE
     from_database = attrs.evolve(from_cache, window_expires_ms=2_000)
     assert decide(Toggles(), from_database) == Decision(Rule.REPLACEMENT_WINDOW, Action.UPLOAD)
 
 
 @pytest.mark.parametrize(
-    ("facts", "expected"),
+    ("facts", "without_auth", "with_auth"),
     [
         # No stored master key: a first upload, written without UIA.
-        (Facts(requested={"master": {"k": 1}}, stored={}), False),
+        (Facts(requested={"master": {"k": 1}}, stored={}), Forecast.WRITE, Forecast.WRITE),
         # The same keys: answered "already stored".
-        (Facts(requested={"master": {"k": 1}}, stored={"master": {"k": 1}}), False),
-        (Facts(requested={"master": {"k": 2}}, stored={"master": {"k": 1}}), True),
+        (
+            Facts(requested={"master": {"k": 1}}, stored={"master": {"k": 1}}),
+            Forecast.READ_FIRST,
+            Forecast.READ_FIRST,
+        ),
+        # A replacement: challenged, and written once the answer to the challenge passes UIA.
+        (
+            Facts(requested={"master": {"k": 2}}, stored={"master": {"k": 1}}),
+            Forecast.CHALLENGE,
+            Forecast.WRITE,
+        ),
+        # Refused: no UIA for a requester without an access token of its own.
         (
             Facts(requested={"master": {"k": 2}}, stored={"master": {"k": 1}}, can_do_uia=False),
-            False,
+            Forecast.READ_FIRST,
+            Forecast.READ_FIRST,
         ),
+        # Synapse's delegated-auth answer, given under the lock.
         (
             Facts(requested={"master": {"k": 2}}, stored={"master": {"k": 1}}, delegated_auth=True),
-            False,
+            Forecast.WRITE,
+            Forecast.WRITE,
         ),
     ],
 )
-def test_which_requests_are_forecast_a_challenge(facts: Facts, expected: bool) -> None:
-    assert expects_challenge(Toggles(), facts, auth_sent=False) is expected
-    assert not expects_challenge(Toggles(), facts, auth_sent=True)
+def test_what_each_request_is_forecast(
+    facts: Facts, without_auth: Forecast, with_auth: Forecast
+) -> None:
+    assert forecast(Toggles(), facts, auth_sent=False) is without_auth
+    assert forecast(Toggles(), facts, auth_sent=True) is with_auth
