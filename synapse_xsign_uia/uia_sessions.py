@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from synapse_xsign_uia import policy
 from synapse_xsign_uia.policy import JsonKey, SessionVerdict, UiaSessionRecord
@@ -64,7 +64,7 @@ def keys_fingerprint(requested: Mapping[str, JsonKey]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def brings_credentials(auth: Any) -> bool:
+def brings_credentials(auth: Any) -> TypeGuard[dict[str, Any]]:
     """Whether the request's `auth` attempts a stage itself (a password, say), rather than
     only naming a session completed earlier (or out of band, as single sign-on is)."""
     return isinstance(auth, dict) and auth.get("type") is not None
@@ -100,14 +100,32 @@ class UiaSessions:
         Synapse's challenge (a 401) until the user has authenticated, and `SessionRefused`
         when the session may not authorise it."""
         keys = self._synapse.keys
+        auth = body.get("auth")
+        named = auth.get("session") if brings_credentials(auth) else None
+        # A request that brings credentials waits for Synapse to check them (a password
+        # hash, several round trips): the record of the session it names is read meanwhile.
+        # The lock on the user's keys is held, so the record can only gain what a late
+        # offer adds, which is judged as if the offer had not been recorded yet.
+        early = (
+            self._synapse.start(self._record_of, named, caller.user_id)
+            if isinstance(named, str)
+            else None
+        )
         try:
             session_id = await uia
+            if session_id is None:
+                return None
+            if early is not None and session_id == named:
+                record = await early.result()
+            else:
+                record = await self._record_of(session_id, caller.user_id)
         except keys.uia_challenge as e:
             self.offered(keys.challenged_session(e), caller, requested, request)
             raise
-        if session_id is None:
-            return None
-        verdict = await self.verdict(session_id, caller, requested, body.get("auth"))
+        finally:
+            if early is not None:
+                await early.discard()
+        verdict = self._judge(record, session_id, caller, requested, auth)
         if verdict is SessionVerdict.AUTHORISES:
             return session_id
         fresh = await keys.fresh_uia_challenge(caller, request, body, UIA_DESCRIPTION)
@@ -178,11 +196,16 @@ class UiaSessions:
             return UiaSessionRecord(offer.device_id, offer.keys_hash, spent=False)
         return record
 
-    async def verdict(
-        self, session_id: str, caller: Caller, requested: Mapping[str, JsonKey], auth: Any
+    def _judge(
+        self,
+        record: UiaSessionRecord | None,
+        session_id: str,
+        caller: Caller,
+        requested: Mapping[str, JsonKey],
+        auth: Any,
     ) -> SessionVerdict:
-        """Whether the completed session `session_id` may authorise writing `requested`."""
-        record = await self._record_of(session_id, caller.user_id)
+        """Whether the completed session `session_id`, of which `record` was recorded, may
+        authorise writing `requested`."""
         verdict = policy.judge_uia_session(
             record,
             device_id=caller.device_id,
