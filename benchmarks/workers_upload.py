@@ -49,6 +49,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -397,9 +398,24 @@ def run_latency(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, A
             )
             for path in PATHS
         }
+        for path, row in rows.items():
+            row["ratio_median_by_order"] = by_order(
+                endpoints["native"][process].samples[path],
+                endpoints["module"][process].samples[path],
+                args.warmup,
+            )
         figures[process] = rows
         print(f"\nthrough {process}:")
         print_comparison(rows)
+        print(
+            "ratio of medians by the side that went first in the round (native first / "
+            "module first): "
+            + "; ".join(
+                f"{path} {row['ratio_median_by_order']['native_first']:.3f} / "
+                f"{row['ratio_median_by_order']['module_first']:.3f}"
+                for path, row in rows.items()
+            )
+        )
     return {
         "processes": processes,
         "rounds": args.rounds,
@@ -415,6 +431,20 @@ def run_latency(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, A
             for name, by_process in endpoints.items()
         },
     }
+
+
+def by_order(native: Sequence[float], module: Sequence[float], warmup: int) -> dict[str, float]:
+    """The ratio of medians over the rounds in which native Synapse sent first, and over
+    those in which the module did. Far apart, they tell that the work one side leaves
+    running after a request (replication, background writes) lands in the other side's
+    next timed request: a longer `--pause` lets it end."""
+    ratios = {}
+    for name, parity in (("native_first", 0), ("module_first", 1)):
+        rounds = [i for i in range(len(native)) if (i + warmup) % 2 == parity]
+        ratios[name] = statistics.median(module[i] for i in rounds) / statistics.median(
+            native[i] for i in rounds
+        )
+    return ratios
 
 
 # Storm and race.
@@ -1019,9 +1049,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--pause",
         type=float,
-        default=2.0,
-        help="milliseconds to wait after each latency request, so that one side's background "
-        "work does not land in the other's timed request (default 2)",
+        default=30.0,
+        help="milliseconds to wait after each latency request, so that the work one side "
+        "leaves running after a request (a write's replication to the worker, say) does not "
+        "land in the other side's timed request (default 30)",
     )
     parser.add_argument(
         "--storm-users", type=int, default=500, help="users per side in the storm and race (500)"
