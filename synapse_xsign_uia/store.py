@@ -202,13 +202,13 @@ class LockLost(Exception):
     than the lease, and another process took the lock): what it was writing is not written."""
 
 
-def fence_user_lock_txn(cursor: Any, user_id: str, token: str, expires_ms: int) -> None:
-    """Inside a write's transaction: renew the lease `token` holds on the user's lock, or
-    raise `LockLost` if another process holds it now. On PostgreSQL the updated row stays
-    locked until the transaction ends, so the lease cannot change hands before the commit."""
+def end_user_lock_txn(cursor: Any, user_id: str, token: str) -> None:
+    """Inside a write's transaction: end the lease `token` holds on the user's lock, with the
+    write's commit, or raise `LockLost` if another process holds it now. On PostgreSQL the
+    deleted row stays locked until the transaction ends, so the lease cannot change hands
+    before the commit, and a rolled-back write leaves the lease as it was."""
     cursor.execute(
-        f"UPDATE {USER_LOCKS_TABLE} SET expires_ms = ? WHERE user_id = ? AND token = ?",
-        (expires_ms, user_id, token),
+        f"DELETE FROM {USER_LOCKS_TABLE} WHERE user_id = ? AND token = ?", (user_id, token)
     )
     if cursor.rowcount != 1:
         raise LockLost(f"the lock on writing {user_id}'s keys was taken over")

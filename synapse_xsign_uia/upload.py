@@ -96,6 +96,7 @@ class UploadHandler:
                 return self._answer(attempt, early.rule, UploadOutcome.NOTHING_WRITTEN)
             validation.check_keys(attempt.requested, caller.user_id)
         public_keys = [validation.public_key(key) for key in attempt.requested.values()]
+        # The cache holds no window: the forecast takes it as closed.
         cached_facts = None if cached is None else self._facts(attempt, cached, None, cached)
         forecast = policy.forecast(self._toggles, cached_facts, attempt.auth_sent)
         if forecast is not Forecast.WRITE:
@@ -104,8 +105,8 @@ class UploadHandler:
                 return answer
         reading = keys.stored_state_reading(caller.user_id, public_keys)
         async with self._lock.hold_reading(caller.user_id, reading, request) as stored:
-            # Decided again where it was decided before: another request may have written
-            # the keys meanwhile.
+            # Decided on what the lock's read returns: another request may have written the
+            # keys since a read without the lock.
             decision = policy.decide(
                 self._toggles, self._facts(attempt, stored.keys, stored.window_expires_ms, cached)
             )
@@ -243,7 +244,7 @@ class UploadHandler:
     async def _write(
         self, attempt: Attempt, written: Mapping[str, JsonKey], session_id: str | None
     ) -> None:
-        """Store the keys, in one transaction with the renewal of the lock's lease (with
+        """Store the keys, in one transaction with the end of the lock's lease (with
         workers) and the spending of the UIA session that authorised them
         (`strict_uia_sessions`)."""
         in_transaction = []
@@ -255,6 +256,8 @@ class UploadHandler:
                 self._sessions.spending(session_id, attempt.caller, attempt.requested)
             )
         await self._synapse.keys.store(attempt.user_id, written, in_transaction)
+        if fence is not None:
+            self._lock.written(attempt.user_id)
 
     async def _after_write(
         self, attempt: Attempt, rule: Rule, stored: StoredState, written: Mapping[str, JsonKey]

@@ -6,12 +6,13 @@ Within a process, waiters queue in arrival order (the seam's per-user lock). Acr
 every second by the process that holds it, and given up after a few seconds by a process
 that died, so that a crash mid-upload does not block the user's next upload, or an admin's
 grant, for longer than that. Synapse's own cross-worker lock would hold them for two minutes.
-The write itself renews the lease in its own transaction (`fence`), so a process that stalled
-past its lease, and lost the lock to another, writes nothing.
+The write itself ends the lease in its own transaction (`fence`), so a process that stalled
+past its lease, and lost the lock to another, writes nothing, and a write costs no trip to
+the database to release the lease.
 
-An upload reads the stored state in the database interaction that takes the lease, and
-gives the lock up once its response is on its way: the client waits for neither trip to the
-database.
+An upload reads the stored state in the database interaction that takes the lease; one that
+did not write gives the lock up once its response is on its way: the client waits for
+neither trip to the database.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from synapse_xsign_uia.store import fence_user_lock_txn
+from synapse_xsign_uia.store import end_user_lock_txn
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -74,8 +75,9 @@ class UserLock:
         self, user_id: str, read: Callable[[Any], T], request: SynapseRequest | None = None
     ) -> AsyncIterator[T]:
         """The lock, and what `read(cursor)` reads once it is held: with workers, in the
-        database interaction that takes the lease. With `request`, the lock is given up once
-        the response to it is on its way (a waiter of this process still waits for that);
+        database interaction that takes the lease. A write ends the lease in its own
+        transaction (`fence`). Otherwise, with `request`, the lock is given up once the
+        response to it is on its way (a waiter of this process still waits for that);
         without, before the caller goes on."""
         async with contextlib.AsyncExitStack() as held:
             # The process lock first: waiters of this process queue here, not in the database.
@@ -89,31 +91,37 @@ class UserLock:
             try:
                 yield state
             finally:
-                del self._held[user_id]
-                if request is None:
-                    await self._release(user_id, token)
-                else:
-                    self._synapse.run_after_response(
-                        request,
-                        "synapse_xsign_uia_release_user_lock",
-                        self._release_then,
-                        user_id,
-                        token,
-                        held.pop_all(),
-                    )
+                # Not held any more where a write's transaction ended the lease (`written`).
+                if self._held.pop(user_id, None) is not None:
+                    if request is None:
+                        await self._release(user_id, token)
+                    else:
+                        self._synapse.run_after_response(
+                            request,
+                            "synapse_xsign_uia_release_user_lock",
+                            self._release_then,
+                            user_id,
+                            token,
+                            held.pop_all(),
+                        )
 
     def fence(self, user_id: str) -> Callable[[Any], None] | None:
         """What a write for `user_id` runs in its own transaction to make sure this process
-        still holds the lock; None without workers, where the process lock is enough."""
+        still holds the lock, and to end its lease with the commit (then `written`); None
+        without workers, where the process lock is enough."""
         token = self._held.get(user_id)
         if token is None:
             return None
-        expires_ms = self._synapse.now_ms() + LEASE_MS
 
         def fence(cursor: Any) -> None:
-            fence_user_lock_txn(cursor, user_id, token, expires_ms)
+            end_user_lock_txn(cursor, user_id, token)
 
         return fence
+
+    def written(self, user_id: str) -> None:
+        """The write whose transaction ran `fence` committed, and its lease ended with it:
+        only the process lock is left to give up."""
+        self._held.pop(user_id, None)
 
     async def _acquire(self, user_id: str, token: str, read: Callable[[Any], T]) -> T:
         wait_s = FIRST_RETRY_S

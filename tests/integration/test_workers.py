@@ -199,21 +199,38 @@ def lease_rows(deployment: WorkerDeployment, user: User) -> int:
         conn.close()
 
 
-def test_a_write_gives_its_lease_up_after_answering(deployment: WorkerDeployment) -> None:
-    """An upload that wrote releases the lease it took once its response is on its way,
-    rather than leaving it to end; and the user's next writes, on the same process, take
-    the lock again."""
-    user = on(
-        register_user(deployment.main.base_url, deployment.shared_secret), upload_url(deployment)
-    )
-    assert user.upload(user.keys().body()).status_code == 200
+def wait_for_no_lease(deployment: WorkerDeployment, user: User) -> None:
     deadline = time.monotonic() + 30
     while lease_rows(deployment, user) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lease_rows(deployment, user) == 0, "the lease was left behind"
+
+
+def test_the_lease_is_given_up_whether_the_request_wrote_or_not(
+    deployment: WorkerDeployment,
+) -> None:
+    """An upload that writes ends its lease in the write's transaction; one that took the
+    lock and wrote nothing (the answer to a challenge with a wrong password) gives it up
+    once its response is on its way. Neither leaves it to end by itself, and the user's
+    next writes, on the same process, take the lock again."""
+    user = on(
+        register_user(deployment.main.base_url, deployment.shared_secret), upload_url(deployment)
+    )
+    assert user.upload(user.keys().body()).status_code == 200
+    assert lease_rows(deployment, user) == 0, "the write left its lease behind"
+
+    replacement = user.keys().body()
+    challenge = user.upload(replacement)
+    assert challenge.status_code == 401, challenge.text
+    wrong = {**user.password_auth(challenge.json()["session"]), "password": "not the password"}
+    refused = user.upload({**replacement, "auth": wrong})
+    assert refused.status_code == 401, refused.text
+    wait_for_no_lease(deployment, user)
+
     for _ in range(3):
         response = user.upload_with_uia(user.keys().body())
         assert response.status_code == 200, response.text
+        wait_for_no_lease(deployment, user)
 
 
 def upload_in_background(user: User, result: dict[str, Any]) -> threading.Thread:
