@@ -561,13 +561,17 @@ def race_leg(side: Side, pairs: Sequence[tuple[Prepared, Prepared]], clients: in
     return Leg(sent, time.perf_counter() - began)
 
 
+# The legs of the storm and the race, in the order they run: (side, half).
+ABBA = (("native", 0), ("module", 0), ("module", 1), ("native", 1))
+
+
 def abba(
     sides: dict[str, Side], halves: dict[str, tuple[Any, Any]], run: Callable[[Side, Any], Leg]
 ) -> dict[str, list[Leg]]:
     """Two legs per side, native, module, module, native, so that drift during the phase
     falls on both alike; never two legs at once."""
     legs: dict[str, list[Leg]] = {name: [] for name in SIDES}
-    for name, half in (("native", 0), ("module", 0), ("module", 1), ("native", 1)):
+    for name, half in ABBA:
         legs[name].append(run(sides[name], halves[name][half]))
         time.sleep(LEG_GAP_S)
     return legs
@@ -609,7 +613,7 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
         lambda side, half: storm_leg(side, half, args.storm_clients),
     )
     print(f"   load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-    figures = {name: leg_figures(legs[name], args.storm_users) for name in SIDES}
+    figures: dict[str, Any] = {name: leg_figures(legs[name], args.storm_users) for name in SIDES}
     header = (
         f"{'side':<8} {'uploads':>7} {'uploads/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'errors':>6}  statuses"
@@ -627,6 +631,16 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
     ratio = figures["module"]["uploads_per_s"] / figures["native"]["uploads_per_s"]
     print(f"(throughput module / native: {ratio:.3f}; two legs per side, native first and last)")
     figures["throughput_ratio"] = ratio
+    # How much the machine drifted during the phase: each leg's own throughput.
+    leg_rates = [
+        (name, len(legs[name][half].sent) / legs[name][half].duration) for name, half in ABBA
+    ]
+    figures["legs_uploads_per_s"] = [[name, rate] for name, rate in leg_rates]
+    print(
+        "(uploads per second of each leg, in the order run: "
+        + ", ".join(f"{name} {rate:.1f}" for name, rate in leg_rates)
+        + ")"
+    )
     return figures
 
 
