@@ -635,7 +635,7 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
     leg_rates = [
         (name, len(legs[name][half].sent) / legs[name][half].duration) for name, half in ABBA
     ]
-    figures["legs_uploads_per_s"] = [[name, rate] for name, rate in leg_rates]
+    figures["legs_uploads_per_s"] = leg_rates
     print(
         "(uploads per second of each leg, in the order run: "
         + ", ".join(f"{name} {rate:.1f}" for name, rate in leg_rates)

@@ -167,12 +167,17 @@ class PostgresCluster:
         )
         return self
 
-    def execute(self, database: str, statement: str) -> None:
-        """Run one statement outside a transaction, as the superuser."""
+    def connect(self, database: str) -> Any:
+        """A connection to `database` as the superuser, each statement committed on its own."""
         import psycopg2
 
         conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=database)
         conn.autocommit = True
+        return conn
+
+    def execute(self, database: str, statement: str) -> None:
+        """Run one statement outside a transaction, as the superuser."""
+        conn = self.connect(database)
         try:
             with conn.cursor() as cursor:
                 cursor.execute(statement)

@@ -163,12 +163,7 @@ def test_restarting_the_worker_loses_nothing_and_holds_no_lock(
 def hold_lock(deployment: WorkerDeployment, user: User, lease_s: float) -> Any:
     """Take the user's lock as another process would, for `lease_s` seconds, and never renew
     it (as a process that died); returns the connection, to release it early."""
-    import psycopg2
-
-    conn = psycopg2.connect(
-        host="127.0.0.1", port=deployment.postgres.port, user="postgres", dbname="synapse"
-    )
-    conn.autocommit = True
+    conn = deployment.postgres.connect("synapse")
     with conn.cursor() as cursor:
         # Over the lease of the user's last upload, if its release, which follows the
         # response, has not happened yet.
@@ -183,11 +178,7 @@ def hold_lock(deployment: WorkerDeployment, user: User, lease_s: float) -> Any:
 
 
 def lease_rows(deployment: WorkerDeployment, user: User) -> int:
-    import psycopg2
-
-    conn = psycopg2.connect(
-        host="127.0.0.1", port=deployment.postgres.port, user="postgres", dbname="synapse"
-    )
+    conn = deployment.postgres.connect("synapse")
     try:
         with conn.cursor() as cursor:
             cursor.execute(
