@@ -17,11 +17,13 @@ Phases:
   storm    `--storm-users` users per side each make their first upload (master,
            self-signing and user-signing keys) from `--storm-clients` concurrent clients,
            requests spread round-robin over the processes that serve the endpoint:
-           throughput, latency, errors
-  race     as the storm, but every user sends its first upload twice at once, with two
-           different key sets, to two processes where two serve the endpoint; afterwards
-           each user's stored keys are read back with `/keys/query` and compared with the
-           answers
+           throughput, latency, errors, and the CPU time per upload of each process. The
+           users run in legs, one side at a time, in `--storm-blocks` blocks ordered
+           native-module-module-native and the reverse in turn
+  race     as the storm (`--race-users`, one block), but every user sends its first
+           upload twice at once, with two different key sets, to two processes where two
+           serve the endpoint; afterwards each user's stored keys are read back with
+           `/keys/query` and compared with the answers
   dbwork   with `pg_stat_statements` and `pg_stat_database`: statements, transactions and
            PostgreSQL's execution time per request of each path, as the database counted
            them, with what the deployment does without requests subtracted
@@ -30,7 +32,8 @@ Run with the python of the environment that has the Synapse to measure, from the
 root:
 
     python benchmarks/workers_upload.py [--rounds N] [--warmup N] [--storm-users N]
-                                        [--storm-clients N] [--dbwork-requests N]
+                                        [--storm-blocks N] [--storm-clients N]
+                                        [--race-users N] [--dbwork-requests N]
                                         [--phases latency,storm,race,dbwork]
                                         [--show-statements] [--nice N] [--json FILE] [--keep]
 
@@ -68,6 +71,7 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable for the test harness.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._cpu import cpu_seconds, used_between
 from benchmarks._shared import (
     SHARED_EXTRA_CONFIG,
     STOCK_LOG_CONFIG,
@@ -467,6 +471,8 @@ class Leg:
 
     sent: list[Sent]
     duration: float
+    # CPU seconds by process (`client` for the benchmark's own), set by `alternating`.
+    cpu_s: dict[str, float] = attrs.field(factory=dict)
 
 
 def _sessions(side: Side) -> list[requests.Session]:
@@ -561,20 +567,57 @@ def race_leg(side: Side, pairs: Sequence[tuple[Prepared, Prepared]], clients: in
     return Leg(sent, time.perf_counter() - began)
 
 
-# The legs of the storm and the race, in the order they run: (side, half).
-ABBA = (("native", 0), ("module", 0), ("module", 1), ("native", 1))
+# The order of the sides' legs in a block of the storm or the race; the blocks alternate it
+# with its reverse, so that drift during the phase falls on both sides alike.
+ABBA = ("native", "module", "module", "native")
 
 
-def abba(
-    sides: dict[str, Side], halves: dict[str, tuple[Any, Any]], run: Callable[[Side, Any], Leg]
-) -> dict[str, list[Leg]]:
-    """Two legs per side, native, module, module, native, so that drift during the phase
-    falls on both alike; never two legs at once."""
-    legs: dict[str, list[Leg]] = {name: [] for name in SIDES}
-    for name, half in ABBA:
-        legs[name].append(run(sides[name], halves[name][half]))
-        time.sleep(LEG_GAP_S)
+def block_order(block: int) -> tuple[str, ...]:
+    return ABBA if block % 2 == 0 else ABBA[::-1]
+
+
+def alternating(
+    sides: dict[str, Side],
+    parts: dict[str, Sequence[Any]],
+    run: Callable[[Side, Any], Leg],
+    blocks: int,
+) -> list[tuple[str, Leg]]:
+    """Each side's parts, one leg each, in `blocks` blocks of four legs, never two legs at
+    once; the legs with their side, in the order they ran. Each leg counts the CPU time its
+    side's processes and the clients used from its start to the start of the next leg."""
+    taken = dict.fromkeys(SIDES, 0)
+    legs: list[tuple[str, Leg]] = []
+    for block in range(blocks):
+        for name in block_order(block):
+            deployment = sides[name].deployment
+            before, client_before = cpu_seconds(deployment), time.process_time()
+            leg = run(sides[name], parts[name][taken[name]])
+            time.sleep(LEG_GAP_S)
+            leg.cpu_s = used_between(before, cpu_seconds(deployment))
+            leg.cpu_s["client"] = time.process_time() - client_before
+            taken[name] += 1
+            legs.append((name, leg))
     return legs
+
+
+def of_side(legs: Sequence[tuple[str, Leg]], name: str) -> list[Leg]:
+    return [leg for side, leg in legs if side == name]
+
+
+def chunks(items: Sequence[Any], count: int) -> list[Sequence[Any]]:
+    """`items` in `count` consecutive parts whose sizes differ by at most one."""
+    size, extra = divmod(len(items), count)
+    parts, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        parts.append(items[start:end])
+        start = end
+    return parts
+
+
+def rate(legs: Sequence[Leg]) -> float:
+    """Requests answered per second over `legs`."""
+    return sum(len(leg.sent) for leg in legs) / sum(leg.duration for leg in legs)
 
 
 def leg_figures(legs: Sequence[Leg], uploads: int) -> dict[str, Any]:
@@ -593,27 +636,54 @@ def leg_figures(legs: Sequence[Leg], uploads: int) -> dict[str, Any]:
     }
 
 
-def split(items: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any]]:
-    middle = len(items) // 2
-    return items[:middle], items[middle:]
+def cpu_per_upload(legs: Sequence[Leg]) -> dict[str, float]:
+    """Milliseconds of CPU per upload by process over `legs`, with `total` for the
+    deployment's processes (the clients' own apart)."""
+    uploads = sum(len({s.user for s in leg.sent}) for leg in legs)
+    used: Counter[str] = Counter()
+    for leg in legs:
+        used.update(leg.cpu_s)
+    per_upload = {name: seconds * 1000 / uploads for name, seconds in used.items()}
+    per_upload["total"] = sum(v for k, v in per_upload.items() if k != "client")
+    return per_upload
+
+
+def print_cpu(figures: dict[str, Any]) -> None:
+    native, module = figures["native"]["cpu_ms_per_upload"], figures["module"]["cpu_ms_per_upload"]
+    columns = [k for k in native if k not in ("total", "client")] + ["total", "client"]
+    header = f"{'CPU ms per upload':<18}" + "".join(f"{c:>10}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    for name, row in (("native", native), ("module", module)):
+        print(f"{name:<18}" + "".join(f"{row[c]:>10.2f}" for c in columns))
+    print(
+        f"{'module / native':<18}"
+        + "".join(f"{module[c] / native[c] if native[c] else float('nan'):>10.3f}" for c in columns)
+    )
 
 
 def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]:
+    legs_per_side = 2 * args.storm_blocks
     print(
-        f"\n== storm: {args.storm_users} first uploads per side, {args.storm_clients} clients, "
-        f"round-robin over {', '.join(p.name for p in sides['native'].serving)}"
+        f"\n== storm: {args.storm_users} first uploads per side in {legs_per_side} legs, "
+        f"{args.storm_clients} clients, round-robin over "
+        f"{', '.join(p.name for p in sides['native'].serving)}"
     )
     started = time.monotonic()
     prepared = for_each_side(sides, lambda side: register_many(side, args.storm_users, fresh))
     print(f"   users prepared in {time.monotonic() - started:.0f}s")
     load_before = os.getloadavg()
-    legs = abba(
+    legs = alternating(
         sides,
-        {name: split(prepared[name]) for name in SIDES},
-        lambda side, half: storm_leg(side, half, args.storm_clients),
+        {name: chunks(prepared[name], legs_per_side) for name in SIDES},
+        lambda side, part: storm_leg(side, part, args.storm_clients),
+        args.storm_blocks,
     )
     print(f"   load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-    figures: dict[str, Any] = {name: leg_figures(legs[name], args.storm_users) for name in SIDES}
+    figures: dict[str, Any] = {}
+    for name in SIDES:
+        figures[name] = leg_figures(of_side(legs, name), args.storm_users)
+        figures[name]["cpu_ms_per_upload"] = cpu_per_upload(of_side(legs, name))
     header = (
         f"{'side':<8} {'uploads':>7} {'uploads/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'errors':>6}  statuses"
@@ -629,18 +699,27 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
             f"{f['p99_ms']:>8.1f} {errors:>6}  {statuses}"
         )
     ratio = figures["module"]["uploads_per_s"] / figures["native"]["uploads_per_s"]
-    print(f"(throughput module / native: {ratio:.3f}; two legs per side, native first and last)")
     figures["throughput_ratio"] = ratio
+    # Each block's own ratio: its two legs of each side ran within seconds of each other.
+    block_ratios = []
+    for block in range(args.storm_blocks):
+        in_block = legs[4 * block : 4 * block + 4]
+        block_ratios.append(rate(of_side(in_block, "module")) / rate(of_side(in_block, "native")))
+    figures["block_ratios"] = block_ratios
+    print(
+        f"(throughput module / native: {ratio:.3f}; by block of four legs: "
+        + ", ".join(f"{r:.3f}" for r in block_ratios)
+        + f"; median {statistics.median(block_ratios):.3f})"
+    )
     # How much the machine drifted during the phase: each leg's own throughput.
-    leg_rates = [
-        (name, len(legs[name][half].sent) / legs[name][half].duration) for name, half in ABBA
-    ]
+    leg_rates = [(name, rate([leg])) for name, leg in legs]
     figures["legs_uploads_per_s"] = leg_rates
     print(
         "(uploads per second of each leg, in the order run: "
         + ", ".join(f"{name} {rate:.1f}" for name, rate in leg_rates)
         + ")"
     )
+    print_cpu(figures)
     return figures
 
 
@@ -728,34 +807,36 @@ def run_race(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]
         "one to each of " + " and ".join(serving) if len(serving) > 1 else f"both to {serving[0]}"
     )
     print(
-        f"\n== race: {args.storm_users} users per side each send two different first uploads "
+        f"\n== race: {args.race_users} users per side each send two different first uploads "
         f"at once ({where}), {args.storm_clients} clients"
     )
     started = time.monotonic()
-    users = for_each_side(sides, lambda side: register_many(side, args.storm_users, race_user))
+    users = for_each_side(sides, lambda side: register_many(side, args.race_users, race_user))
     print(f"   users prepared in {time.monotonic() - started:.0f}s")
-    halves: dict[str, tuple[Any, Any]] = {}
-    for name in SIDES:
-        first, second = split(users[name])
-        # Each leg numbers its users from 0; the second half's answers are mapped back below.
-        halves[name] = ([u.prepared for u in first], [u.prepared for u in second])
+    # Each leg numbers its users from 0; the second half's answers are mapped back below.
+    halves = {name: chunks(users[name], 2) for name in SIDES}
     load_before = os.getloadavg()
-    legs = abba(sides, halves, lambda side, half: race_leg(side, half, args.storm_clients))
+    legs = alternating(
+        sides,
+        {name: [[u.prepared for u in half] for half in halves[name]] for name in SIDES},
+        lambda side, half: race_leg(side, half, args.storm_clients),
+        blocks=1,
+    )
     print(f"   load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     # Writes made on the worker reach the main process's caches over replication.
     time.sleep(2)
     figures: dict[str, Any] = {}
     for name in SIDES:
-        first, second = split(users[name])
-        offset = len(first)
+        first, second = of_side(legs, name)
+        offset = len(halves[name][0])
         shifted = Leg(
-            [Sent(s.user + offset, s.attempt, s.status, s.elapsed) for s in legs[name][1].sent],
-            legs[name][1].duration,
+            [Sent(s.user + offset, s.attempt, s.status, s.elapsed) for s in second.sent],
+            second.duration,
         )
         stored = stored_keys(users[name])
         figures[name] = {
-            **race_outcomes(users[name], [legs[name][0], shifted], stored),
-            **leg_figures(legs[name], args.storm_users),
+            **race_outcomes(users[name], [first, shifted], stored),
+            **leg_figures([first, second], args.race_users),
         }
     header = (
         f"{'side':<8} {'users':>5} {'both 200':>8} {'one 200':>7} {'no 200':>6} "
@@ -1069,7 +1150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "land in the other side's timed request (default 30)",
     )
     parser.add_argument(
-        "--storm-users", type=int, default=500, help="users per side in the storm and race (500)"
+        "--storm-users", type=int, default=1500, help="users per side in the storm (1500)"
+    )
+    parser.add_argument(
+        "--storm-blocks",
+        type=int,
+        default=3,
+        help="blocks of four storm legs, native-module-module-native and the reverse in turn; "
+        "each leg has --storm-users / (2 x blocks) users (3)",
+    )
+    parser.add_argument(
+        "--race-users", type=int, default=500, help="users per side in the race (500)"
     )
     parser.add_argument(
         "--storm-clients", type=int, default=32, help="concurrent clients in the storm (32)"
@@ -1090,8 +1181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_common_options(parser, "the deployments")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0 or args.storm_users < 2 or args.storm_clients < 2:
-        parser.error("--rounds and --storm-clients must be at least 1 and 2, --storm-users 2")
+    if args.rounds < 1 or args.warmup < 0 or args.storm_clients < 2 or args.storm_blocks < 1:
+        parser.error("--rounds, --storm-clients and --storm-blocks must be at least 1, 2 and 1")
+    if args.storm_users < 2 * args.storm_blocks or args.race_users < 2:
+        parser.error("--storm-users must be at least 2 x --storm-blocks, --race-users at least 2")
     missing = missing_requirements()
     if missing:
         parser.error(f"the worker deployment needs {', '.join(missing)}")
