@@ -18,6 +18,9 @@ class UploadOutcome(enum.Enum):
     UIA_SESSION_REFUSED = "uia_session_refused"
     REFUSED = "refused"  # 4xx; the detail is the errcode
     DELEGATED = "delegated"  # Synapse's delegated-auth answer; the detail is its status
+    # 503, nothing written: with workers, the process was held up for longer than its lease on
+    # the user's lock, which another process may have taken meanwhile.
+    LOCK_LOST = "lock_lost"
 
 
 @attrs.frozen

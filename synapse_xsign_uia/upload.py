@@ -19,6 +19,7 @@ from synapse_xsign_uia import metrics, policy, validation
 from synapse_xsign_uia.errors import matrix_error, read_json_body
 from synapse_xsign_uia.outcomes import AdminAction, UploadOutcome, UploadResult
 from synapse_xsign_uia.policy import Action, Decision, Facts, Forecast, JsonKey, Rule, Toggles
+from synapse_xsign_uia.store import LockLost
 from synapse_xsign_uia.uia_sessions import UIA_DESCRIPTION, SessionRefused, UiaSessions
 
 if TYPE_CHECKING:
@@ -305,6 +306,15 @@ class UploadHandler:
         except self._synapse.keys.uia_challenge:
             self._log(user_id, rule, UploadResult(UploadOutcome.UIA_CHALLENGE))
             raise
+        except LockLost as e:
+            logger.warning("Nothing written for %s: %s", user_id, e)
+            self._log(user_id, rule, UploadResult(UploadOutcome.LOCK_LOST))
+            raise SynapseError(
+                503,
+                "The server was held up for longer than it may keep the lock on your keys, so "
+                "nothing was stored: try again",
+                Codes.UNKNOWN,
+            ) from e
         except SynapseError as e:
             # Synapse's errcodes are `Codes` members, whose `format()` gives the member name
             # (`Codes.FORBIDDEN`) from Python 3.11.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +223,74 @@ def test_the_lease_is_given_up_whether_the_request_wrote_or_not(
         response = user.upload_with_uia(user.keys().body())
         assert response.status_code == 200, response.text
         wait_for_no_lease(deployment, user)
+
+
+def wait_for_lease(deployment: WorkerDeployment, user: User) -> None:
+    deadline = time.monotonic() + 30
+    while not lease_rows(deployment, user) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lease_rows(deployment, user) == 1, "the upload never took the lock"
+
+
+def test_a_write_whose_lease_was_taken_over_writes_nothing(deployment: WorkerDeployment) -> None:
+    """A process that stalls for longer than its lease, while another process takes the
+    user's lock, must not write: its write's transaction finds the lease gone and is undone.
+    The stall is made in PostgreSQL: a lock on Synapse's table of cross-signing keys holds
+    the upload's read of the stored state, which follows the lease in the same trip, while
+    the lease is handed to another holder."""
+    user = on(
+        register_user(deployment.main.base_url, deployment.shared_secret), upload_url(deployment)
+    )
+    assert user.upload(user.keys().body()).status_code == 200
+    before = user.stored_public_keys()
+    replacement = user.keys().body()
+    challenge = user.upload(replacement)
+    assert challenge.status_code == 401, challenge.text
+    answer = {**replacement, "auth": user.password_auth(challenge.json()["session"])}
+
+    stall = deployment.postgres.connect("synapse")
+    stall.autocommit = False
+    result: dict[str, Any] = {}
+    try:
+        with stall.cursor() as cursor:
+            cursor.execute("LOCK TABLE e2e_cross_signing_keys IN ACCESS EXCLUSIVE MODE")
+
+        def send() -> None:
+            result["response"] = user.request("POST", UPLOAD_PATH, answer)
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        wait_for_lease(deployment, user)
+        # Another process takes the lock, as it may once the lease has run out.
+        takeover = hold_lock(deployment, user, 60)
+        takeover.close()
+    finally:
+        stall.rollback()
+        stall.close()
+    thread.join(timeout=60)
+
+    response = result["response"]
+    assert response.status_code == 503, response.text
+    assert response.json()["errcode"] == "M_UNKNOWN"
+    assert "nothing was stored" in response.json()["error"]
+    serving = deployment.worker if WORKERS_SERVE_UPLOAD else deployment.main
+    decided = serving.log_lines("cross-signing upload decision")
+    assert decided[-1].endswith(f"user={user.user_id} rule=uia outcome=lock_lost"), decided[-1]
+    assert user.stored_public_keys() == before, "a write went through without the lock"
+    # The lock is still the other process's: the stalled one did not release it.
+    assert lease_rows(deployment, user) == 1
+    with contextlib.closing(deployment.postgres.connect("synapse")) as conn, conn.cursor() as c:
+        c.execute(
+            "DELETE FROM synapse_xsign_uia_user_locks WHERE user_id = %s AND token = %s",
+            (user.user_id, "held-by-test"),
+        )
+        assert c.rowcount == 1, "the other process's lease was released by the stalled one"
+
+    retried = user.upload_with_uia(replacement)
+    assert retried.status_code == 200, retried.text
+    assert user.stored_public_keys()["master"] == next(
+        iter(replacement["master_key"]["keys"].values())
+    )
 
 
 def upload_in_background(user: User, result: dict[str, Any]) -> threading.Thread:
