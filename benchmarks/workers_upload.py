@@ -719,6 +719,13 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
         + ", ".join(f"{name} {rate:.1f}" for name, rate in leg_rates)
         + ")"
     )
+    leg_cpu = [(name, cpu_per_upload([leg])["total"]) for name, leg in legs]
+    figures["legs_cpu_ms_per_upload"] = leg_cpu
+    print(
+        "(CPU ms per upload of each leg's deployment, in the order run: "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in leg_cpu)
+        + ")"
+    )
     print_cpu(figures)
     return figures
 
