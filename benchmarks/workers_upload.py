@@ -119,6 +119,11 @@ IDLE_S = 20.0
 # Between storm legs, so that one side's deferred work (client IP batches, cache
 # invalidations) has landed before the other side's leg starts.
 LEG_GAP_S = 3.0
+# After that, and before the first leg (the users were just registered, on both sides at
+# once), the legs wait until both deployments are quiet: together under this share of one
+# core over a second, for at most `QUIET_WAIT_S`.
+QUIET_SHARE = 0.1
+QUIET_WAIT_S = 60.0
 
 TRANSACTION_CONTROL = re.compile(
     r"^\s*(BEGIN|COMMIT|ROLLBACK|START\s+TRANSACTION|END|SAVEPOINT|RELEASE)\b", re.IGNORECASE
@@ -583,21 +588,44 @@ def alternating(
     blocks: int,
 ) -> list[tuple[str, Leg]]:
     """Each side's parts, one leg each, in `blocks` blocks of four legs, never two legs at
-    once; the legs with their side, in the order they ran. Each leg counts the CPU time its
-    side's processes and the clients used from its start to the start of the next leg."""
+    once, each once both deployments are quiet; the legs with their side, in the order they
+    ran. Each leg counts the CPU time its side's processes and the clients used from its
+    start to the start of the next leg."""
     taken = dict.fromkeys(SIDES, 0)
     legs: list[tuple[str, Leg]] = []
+    waits = [wait_until_quiet(sides)]
     for block in range(blocks):
         for name in block_order(block):
             deployment = sides[name].deployment
             before, client_before = cpu_seconds(deployment), time.process_time()
             leg = run(sides[name], parts[name][taken[name]])
             time.sleep(LEG_GAP_S)
+            waits.append(LEG_GAP_S + wait_until_quiet(sides))
             leg.cpu_s = used_between(before, cpu_seconds(deployment))
             leg.cpu_s["client"] = time.process_time() - client_before
             taken[name] += 1
             legs.append((name, leg))
+    print(
+        f"   waited {waits[0]:.0f}s for both deployments to be quiet before the first leg, "
+        f"{min(waits[1:]):.0f}s to {max(waits[1:]):.0f}s after each leg"
+    )
     return legs
+
+
+def wait_until_quiet(sides: dict[str, Side]) -> float:
+    """Wait until the deployments' processes together use less than `QUIET_SHARE` of a core
+    over a second (or `QUIET_WAIT_S` has passed); how long that took."""
+    started = time.monotonic()
+
+    def used() -> float:
+        return sum(sum(cpu_seconds(side.deployment).values()) for side in sides.values())
+
+    while time.monotonic() - started < QUIET_WAIT_S:
+        before = used()
+        time.sleep(1.0)
+        if used() - before < QUIET_SHARE:
+            break
+    return time.monotonic() - started
 
 
 def of_side(legs: Sequence[tuple[str, Leg]], name: str) -> list[Leg]:
