@@ -744,7 +744,7 @@ def run_storm(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any
     figures["legs_uploads_per_s"] = leg_rates
     print(
         "(uploads per second of each leg, in the order run: "
-        + ", ".join(f"{name} {rate:.1f}" for name, rate in leg_rates)
+        + ", ".join(f"{name} {per_s:.1f}" for name, per_s in leg_rates)
         + ")"
     )
     leg_cpu = [(name, cpu_per_upload([leg])["total"]) for name, leg in legs]

@@ -234,10 +234,11 @@ def wait_for_lease(deployment: WorkerDeployment, user: User) -> None:
 
 def test_a_write_whose_lease_was_taken_over_writes_nothing(deployment: WorkerDeployment) -> None:
     """A process that stalls for longer than its lease, while another process takes the
-    user's lock, must not write: its write's transaction finds the lease gone and is undone.
-    The stall is made in PostgreSQL: a lock on Synapse's table of cross-signing keys holds
-    the upload's read of the stored state, which follows the lease in the same trip, while
-    the lease is handed to another holder."""
+    user's lock, must not write: its write's transaction finds the lease gone and is undone,
+    and the client, told so, may send the same request again. The stall is made in
+    PostgreSQL: a lock on Synapse's table of cross-signing keys holds the upload's read of
+    the stored state, which follows the lease in the same trip, while the lease is handed to
+    another holder."""
     user = on(
         register_user(deployment.main.base_url, deployment.shared_secret), upload_url(deployment)
     )
@@ -286,7 +287,8 @@ def test_a_write_whose_lease_was_taken_over_writes_nothing(deployment: WorkerDep
         )
         assert c.rowcount == 1, "the other process's lease was released by the stalled one"
 
-    retried = user.upload_with_uia(replacement)
+    # The client sends the same request again: its UIA session authorised nothing yet.
+    retried = user.request("POST", UPLOAD_PATH, answer)
     assert retried.status_code == 200, retried.text
     assert user.stored_public_keys()["master"] == next(
         iter(replacement["master_key"]["keys"].values())
