@@ -1,7 +1,7 @@
 """The CPU time a deployment's processes have used, read from `/proc`.
 
-Throughput on a small machine drifts with whatever else the machine does; the CPU seconds a
-deployment spends per upload drift much less, and say which process a difference comes from.
+The CPU seconds each process spends per upload say which process a difference between two
+deployments comes from, which their throughputs alone do not.
 """
 
 from __future__ import annotations

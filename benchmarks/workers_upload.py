@@ -656,7 +656,7 @@ def leg_figures(legs: Sequence[Leg], uploads: int) -> dict[str, Any]:
     return {
         "requests": len(sent),
         "uploads_per_s": uploads / duration,
-        "requests_per_s": len(sent) / duration,
+        "requests_per_s": rate(legs),
         "duration_s": duration,
         "p50_ms": quantile(latencies, 0.5) * 1000,
         "p99_ms": quantile(latencies, 0.99) * 1000,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -191,11 +190,16 @@ def lease_rows(deployment: WorkerDeployment, user: User) -> int:
         conn.close()
 
 
-def wait_for_no_lease(deployment: WorkerDeployment, user: User) -> None:
+def wait_for_lease_rows(deployment: WorkerDeployment, user: User, rows: int) -> int:
+    """Wait (up to 30 s) until the user has `rows` lease rows; how many it has then."""
     deadline = time.monotonic() + 30
-    while lease_rows(deployment, user) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lease_rows(deployment, user) == 0, "the lease was left behind"
+    while lease_rows(deployment, user) != rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return lease_rows(deployment, user)
+
+
+def wait_for_no_lease(deployment: WorkerDeployment, user: User) -> None:
+    assert wait_for_lease_rows(deployment, user, 0) == 0, "the lease was left behind"
 
 
 def test_the_lease_is_given_up_whether_the_request_wrote_or_not(
@@ -223,13 +227,6 @@ def test_the_lease_is_given_up_whether_the_request_wrote_or_not(
         response = user.upload_with_uia(user.keys().body())
         assert response.status_code == 200, response.text
         wait_for_no_lease(deployment, user)
-
-
-def wait_for_lease(deployment: WorkerDeployment, user: User) -> None:
-    deadline = time.monotonic() + 30
-    while not lease_rows(deployment, user) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert lease_rows(deployment, user) == 1, "the upload never took the lock"
 
 
 def test_a_write_whose_lease_was_taken_over_writes_nothing(deployment: WorkerDeployment) -> None:
@@ -261,10 +258,9 @@ def test_a_write_whose_lease_was_taken_over_writes_nothing(deployment: WorkerDep
 
         thread = threading.Thread(target=send)
         thread.start()
-        wait_for_lease(deployment, user)
+        assert wait_for_lease_rows(deployment, user, 1) == 1, "the upload never took the lock"
         # Another process takes the lock, as it may once the lease has run out.
         takeover = hold_lock(deployment, user, 60)
-        takeover.close()
     finally:
         stall.rollback()
         stall.close()
@@ -280,12 +276,13 @@ def test_a_write_whose_lease_was_taken_over_writes_nothing(deployment: WorkerDep
     assert user.stored_public_keys() == before, "a write went through without the lock"
     # The lock is still the other process's: the stalled one did not release it.
     assert lease_rows(deployment, user) == 1
-    with contextlib.closing(deployment.postgres.connect("synapse")) as conn, conn.cursor() as c:
-        c.execute(
+    with takeover.cursor() as cursor:
+        cursor.execute(
             "DELETE FROM synapse_xsign_uia_user_locks WHERE user_id = %s AND token = %s",
             (user.user_id, "held-by-test"),
         )
-        assert c.rowcount == 1, "the other process's lease was released by the stalled one"
+        assert cursor.rowcount == 1, "the other process's lease was released by the stalled one"
+    takeover.close()
 
     # The client sends the same request again: its UIA session authorised nothing yet.
     retried = user.request("POST", UPLOAD_PATH, answer)
